@@ -1,0 +1,1 @@
+"""Data layer: BraTS layouts, NIfTI loading, pre-processing, cache, grain pipeline, phantom."""

@@ -1,0 +1,38 @@
+"""From a data config to cached subjects: the one path every job takes to its data."""
+
+from __future__ import annotations
+
+import os
+
+import ml_collections
+
+from cmfl_jax.data.cache import CachedSubject, build_cache, cache_dir_for, default_cache_dir
+from cmfl_jax.data.layouts import discover
+
+
+def synthetic_root(data: ml_collections.ConfigDict) -> str:
+    """Folder of the built-in synthetic data set for this config, generated on first use."""
+    syn = data.synthetic
+    shape = tuple(int(s) for s in syn.shape)
+    name = f"{syn.layout}-n{syn.n}-{'x'.join(map(str, shape))}-seed{syn.seed}"
+    folder = os.path.join(data.cache_dir or default_cache_dir(), "synthetic", name)
+    marker = os.path.join(folder, ".complete")
+    if not os.path.exists(marker):
+        from cmfl_jax.data.phantom import write_dataset  # heavy (nilearn): only when generating
+
+        write_dataset(folder, int(syn.n), layout=syn.layout, shape=shape, seed=int(syn.seed))
+        with open(marker, "w") as f:
+            f.write("written by cmfl_jax.data.phantom.write_dataset\n")
+    return folder
+
+
+def resolve_root(data: ml_collections.ConfigDict) -> str:
+    """``data.root``, or the built-in synthetic data set when it is empty."""
+    return data.root if data.root else synthetic_root(data)
+
+
+def load_entries(data: ml_collections.ConfigDict) -> list[CachedSubject]:
+    """Discover, validate and cache every subject of the configured root (cached entries are reused)."""
+    root = resolve_root(data)
+    subjects = discover(root, require_labels=data.require_labels)
+    return build_cache(subjects, cache_dir_for(root, data.cache_dir or None), data.normalization)

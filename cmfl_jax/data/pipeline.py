@@ -1,0 +1,103 @@
+"""The grain pipeline: random patches from cached subjects, deterministic given the seed.
+
+One element per step: a subject drawn by a seeded shuffle that repeats for ever, then a
+patch whose centre voxel is a tumour voxel with probability ``tumour_prob`` (1.0 is the
+paper's "patches sampled within the tumour area"), else any brain voxel. The patch is
+centred exactly on that voxel; whatever falls outside the volume is zero (background after
+z-scoring), which also pads volumes smaller than the patch. The iterator's state
+(``get_state``/``set_state``) goes into checkpoints, so a resumed run continues the same
+sequence of patches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import grain
+import numpy as np
+
+from cmfl_jax.data.cache import CachedSubject
+from cmfl_jax.errors import CMFLError
+
+
+def crop_centered(volume: np.ndarray, centre: Sequence[int], size: Sequence[int]) -> np.ndarray:
+    """The ``size`` window of ``volume`` whose element ``size // 2`` is ``centre``; zero outside the volume.
+
+    ``volume`` is ``(D, H, W, ...)``; trailing axes are kept. Reads only the window, so a
+    memory-mapped volume is not loaded whole.
+    """
+    out = np.zeros((*size, *volume.shape[3:]), dtype=volume.dtype)
+    src, dst = [], []
+    for c, s, n in zip(centre, size, volume.shape[:3], strict=True):
+        lo = int(c) - s // 2
+        a, b = max(lo, 0), min(lo + s, n)
+        if b <= a:
+            return out
+        src.append(slice(a, b))
+        dst.append(slice(a - lo, b - lo))
+    out[tuple(dst)] = volume[tuple(src)]
+    return out
+
+
+class PatchSampler(grain.transforms.RandomMap):
+    """Cut one random patch (image, label, centre) out of a cached subject."""
+
+    def __init__(self, patch_size: Sequence[int], tumour_prob: float = 1.0, flip: bool = False):
+        self.patch_size = tuple(int(p) for p in patch_size)
+        self.tumour_prob = float(tumour_prob)
+        self.flip = bool(flip)
+
+    def _centre(self, entry: CachedSubject, rng: np.random.Generator) -> np.ndarray:
+        tumour = entry.tumour_index() if entry.has_label else None
+        if tumour is not None and len(tumour) and rng.random() < self.tumour_prob:
+            return np.array(np.unravel_index(int(tumour[rng.integers(len(tumour))]), entry.shape))
+        box = entry.meta["brain_bbox"] or [[0, n] for n in entry.shape]
+        return np.array([rng.integers(lo, hi) for lo, hi in box])
+
+    def random_map(self, element: tuple[int, CachedSubject], rng: np.random.Generator) -> dict:
+        index, entry = element
+        centre = self._centre(entry, rng)
+        image = crop_centered(entry.image(), centre, self.patch_size)
+        if entry.has_label:
+            label = crop_centered(entry.label(), centre, self.patch_size)
+        else:
+            label = np.zeros(self.patch_size, np.uint8)
+        if self.flip:
+            axes = tuple(a for a in range(3) if rng.random() < 0.5)
+            if axes:
+                image, label = np.flip(image, axes).copy(), np.flip(label, axes).copy()
+        return {
+            "image": image,  # (P, P, P, 4) float32
+            "label": label,  # (P, P, P) uint8, 0/1/2/4
+            "subject_index": np.int32(index),
+            "centre": centre.astype(np.int32),
+        }
+
+
+def patch_dataset(
+    entries: Sequence[CachedSubject],
+    patch_size: Sequence[int],
+    seed: int,
+    batch_size: int = 1,
+    tumour_prob: float = 1.0,
+    flip: bool = False,
+    num_workers: int = 0,
+) -> grain.IterDataset:
+    """An endless, seeded ``IterDataset`` of batched patches (leading batch axis on every field)."""
+    if not entries:
+        raise CMFLError(None, "no subjects to sample patches from")
+    if not 0.0 <= tumour_prob <= 1.0:
+        raise CMFLError("config.data.tumour_prob", f"must lie in [0, 1], got {tumour_prob}")
+    source = list(enumerate(entries))
+    ds = (
+        grain.MapDataset.source(source)
+        .seed(seed)
+        .shuffle()
+        .repeat()
+        .random_map(PatchSampler(patch_size, tumour_prob, flip))
+        .to_iter_dataset()  # batched as an IterDataset: a MapDataset of endless length cannot be batched
+        .batch(batch_size)
+    )
+    if num_workers > 0:
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    return ds

@@ -1,0 +1,53 @@
+"""Command-line entry point: ``python -m cmfl_jax.main --config=configs/<job>.py --workdir=DIR``.
+
+It only parses flags and dispatches on ``config.job``. Bad input (a
+:class:`~cmfl_jax.errors.CMFLError`) prints one line on stderr and exits with status 2;
+``--verbose`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from cmfl_jax.errors import CMFLError
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "A config file, e.g. configs/cmft.py[:smoke].", lock_config=True)
+flags.DEFINE_string("workdir", None, "Folder for this job's outputs (checkpoints, logs, predictions).")
+flags.DEFINE_bool("verbose", False, "Show the full traceback on errors.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+# config.job -> module with `run(config, workdir)`; imported lazily so each job loads only what it needs.
+JOBS = {
+    "prepare": "cmfl_jax.prepare",
+}
+
+
+def _run(argv: list[str]) -> None:
+    del argv
+    config = FLAGS.config
+    job = config.get("job")
+    if job not in JOBS:
+        raise CMFLError("config.job", f"unknown job {job!r}; known jobs: {', '.join(sorted(JOBS))}")
+    # Logs and progress lines go to stdout, so stderr carries nothing but errors (one line each).
+    logging.get_absl_handler().python_handler.stream = sys.stdout
+    logging.set_verbosity(logging.INFO)
+    importlib.import_module(JOBS[job]).run(config, FLAGS.workdir)
+
+
+def main(argv: list[str]) -> None:
+    try:
+        _run(argv)
+    except CMFLError as e:
+        if FLAGS.verbose:
+            raise
+        print(f"cmfl_jax: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    app.run(main)

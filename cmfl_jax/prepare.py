@@ -1,0 +1,67 @@
+"""The ``prepare`` job: validate a data root, build the cache, summarise what is there."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter, defaultdict
+
+import ml_collections
+from absl import logging
+
+from cmfl_jax.data.cache import CachedSubject
+from cmfl_jax.data.dataset import load_entries, resolve_root
+from cmfl_jax.data.io import atomic_path
+
+_LABEL_NAMES = {"1": "NCR/NET", "2": "ED", "4": "ET"}
+
+
+def _fmt_counter(counter: Counter) -> str:
+    return ", ".join(f"{k} ({v})" if len(counter) > 1 else k for k, v in sorted(counter.items()))
+
+
+def summarize(entries: list[CachedSubject]) -> list[dict]:
+    """One row per (layout, grade): subjects, shapes, spacings, mean voxels per label, subjects with ET."""
+    groups: dict[tuple[str, str], list[CachedSubject]] = defaultdict(list)
+    for e in entries:
+        groups[(e.meta["layout"], e.meta["grade"] or "-")].append(e)
+    groups[("all", "")] = list(entries)
+    rows = []
+    for (layout, grade), members in groups.items():
+        labelled = [e for e in members if e.has_label]
+        row = {
+            "layout": layout,
+            "grade": grade,
+            "subjects": len(members),
+            "shapes": _fmt_counter(Counter("x".join(map(str, e.shape)) for e in members)),
+            "spacings": _fmt_counter(Counter("x".join(f"{s:g}" for s in e.meta["spacing"]) for e in members)),
+        }
+        for value, name in _LABEL_NAMES.items():
+            counts = [e.meta["label_counts"][value] for e in labelled]
+            row[f"mean voxels {name}"] = round(sum(counts) / len(counts)) if counts else None
+        row["with ET"] = sum(e.meta["label_counts"]["4"] > 0 for e in labelled)
+        rows.append(row)
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """Rows of dicts with equal keys as a GitHub Markdown table."""
+    keys = list(rows[0])
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join("" if r[k] is None else str(r[k]) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
+    root = resolve_root(config.data)
+    logging.info("preparing %s", root)
+    entries = load_entries(config.data)
+    rows = summarize(entries)
+    table = markdown_table(rows)
+    os.makedirs(workdir, exist_ok=True)
+    with atomic_path(os.path.join(workdir, "prepare_summary.json")) as tmp, open(tmp, "w") as f:
+        json.dump({"root": os.path.abspath(root), "rows": rows}, f, indent=1)
+    with atomic_path(os.path.join(workdir, "prepare_summary.md")) as tmp, open(tmp, "w") as f:
+        f.write(f"Data root: `{os.path.abspath(root)}`\n\n{table}\n")
+    print(f"\n{len(entries)} subjects in {root} (cache: {os.path.dirname(entries[0].path)})\n\n{table}\n")
+    return rows

@@ -1,0 +1,80 @@
+"""The command line: the prepare job, and bad input as one line on stderr with exit status 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from cmfl_jax.data.io import read_nifti, write_nifti
+
+from .conftest import REPO, write_tiny_dataset
+
+
+def run_cli(*args, cache=None, timeout=240):
+    env = dict(os.environ, CI="true")
+    if cache:
+        env["CMFL_JAX_CACHE"] = str(cache)
+    return subprocess.run(
+        [sys.executable, "-m", "cmfl_jax.main", *args], cwd=REPO, env=env, capture_output=True, text=True,
+        timeout=timeout,
+    )
+
+
+def cache_files(cache):
+    return sorted(os.path.relpath(os.path.join(d, f), cache) for d, _, fs in os.walk(cache) for f in fs)
+
+
+def test_prepare_prints_summary(tmp_path):
+    write_tiny_dataset(tmp_path / "data", n=3)
+    r = run_cli("--config=configs/prepare.py", f"--workdir={tmp_path / 'w'}", f"--config.data.root={tmp_path / 'data'}",
+                cache=tmp_path / "cache")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == ""
+    assert "3 subjects in" in r.stdout and "| brats2018 | HGG | 2 | 20x22x24 | 1x1x1 |" in r.stdout
+    summary = json.loads((tmp_path / "w" / "prepare_summary.json").read_text())
+    total = [row for row in summary["rows"] if row["layout"] == "all"][0]
+    assert total["subjects"] == 3 and total["mean voxels ET"] == 56 and total["with ET"] == 3
+    assert len([f for f in cache_files(tmp_path / "cache") if f.endswith("image.npy")]) == 3
+
+
+def test_missing_modality_exit_2_one_line(tmp_path):
+    subjects = write_tiny_dataset(tmp_path / "data", n=2)
+    os.remove(subjects[1].images[3])
+    r = run_cli("--config=configs/prepare.py", f"--workdir={tmp_path / 'w'}", f"--config.data.root={tmp_path / 'data'}",
+                cache=tmp_path / "cache")
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0] == f"cmfl_jax: error: {os.path.dirname(subjects[1].images[3])}: subject " \
+                       f"{subjects[1].subject_id} is missing modality flair"
+    assert cache_files(tmp_path / "cache") == []  # discovery fails before anything is cached
+    assert not (tmp_path / "w" / "prepare_summary.json").exists()
+
+
+def test_nan_voxels_exit_2_no_partial_cache(tmp_path):
+    subjects = write_tiny_dataset(tmp_path / "data", n=3)
+    bad = subjects[2].images[0]
+    data, affine, _ = read_nifti(bad)
+    data = data.copy()
+    data[3, 4, 5] = np.nan
+    write_nifti(bad, data, affine)
+    args = ("--config=configs/prepare.py", f"--workdir={tmp_path / 'w'}", f"--config.data.root={tmp_path / 'data'}")
+    r = run_cli(*args, cache=tmp_path / "cache")
+    assert r.returncode == 2
+    assert r.stderr.strip() == f"cmfl_jax: error: {bad}: 1 voxel(s) are NaN or Inf"
+    left = cache_files(tmp_path / "cache")
+    assert not any(".tmp" in f for f in left)  # no half-written entry
+    assert not any(subjects[2].subject_id in f for f in left)
+    verbose = run_cli(*args, "--verbose", cache=tmp_path / "cache")
+    assert verbose.returncode != 0 and "Traceback" in verbose.stderr
+
+
+def test_missing_root_and_unknown_job(tmp_path):
+    r = run_cli("--config=configs/prepare.py", f"--workdir={tmp_path / 'w'}", f"--config.data.root={tmp_path / 'no'}")
+    assert r.returncode == 2 and r.stderr.strip() == f"cmfl_jax: error: {tmp_path / 'no'}: data root does not exist"
+    r = run_cli("--config=configs/prepare.py", f"--workdir={tmp_path / 'w'}", "--config.job=nope")
+    assert r.returncode == 2 and "config.job: unknown job 'nope'" in r.stderr

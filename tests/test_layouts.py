@@ -1,0 +1,115 @@
+"""Layout discovery from file names and label conventions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cmfl_jax.data.layouts import MODALITIES, discover, to_dataset, to_internal
+from cmfl_jax.errors import CMFLError
+
+from .conftest import write_tiny_dataset
+
+
+def touch(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"")
+
+
+def make_release_tree(root, subject_ids, suffixes, sep="_", with_seg=True):
+    for rel in subject_ids:
+        folder = root / rel
+        sid = folder.name
+        for s in suffixes + (["seg"] if with_seg else []):
+            touch(folder / f"{sid}{sep}{s}.nii.gz")
+
+
+CLASSIC = ["t1", "t1ce", "t2", "flair"]
+
+
+def test_brats2018_with_hgg_lgg(tmp_path):
+    root = tmp_path / "MICCAI_BraTS_2018_Data_Training"
+    make_release_tree(root, ["HGG/Brats18_2013_10_1", "HGG/Brats18_CBICA_AAB_1", "LGG/Brats18_2013_0_1"], CLASSIC)
+    (root / "survival_data.csv").write_text("BraTS18ID,Age\n")  # release extras are ignored
+    subjects = discover(root)
+    assert [s.subject_id for s in subjects] == ["Brats18_2013_0_1", "Brats18_2013_10_1", "Brats18_CBICA_AAB_1"]
+    assert [s.grade for s in subjects] == ["LGG", "HGG", "HGG"]
+    assert {s.layout for s in subjects} == {"brats2018"}
+    assert all(s.et_label == 4 for s in subjects)
+    s = subjects[1]
+    assert [p.rsplit("_", 1)[1] for p in s.images] == [f"{m}.nii.gz" for m in CLASSIC]
+    assert s.label.endswith("Brats18_2013_10_1_seg.nii.gz")
+
+
+def test_brats2020_and_2021(tmp_path):
+    make_release_tree(tmp_path / "a", ["BraTS20_Training_001", "BraTS20_Training_002"], CLASSIC)
+    make_release_tree(tmp_path / "b", ["BraTS2021_00000", "BraTS2021_00002"], CLASSIC)
+    s20 = discover(tmp_path / "a")
+    s21 = discover(tmp_path / "b")
+    assert [s.subject_id for s in s20] == ["BraTS20_Training_001", "BraTS20_Training_002"]
+    assert [s.layout for s in s20] == ["brats2020"] * 2
+    assert [s.layout for s in s21] == ["brats2021"] * 2
+    assert all(s.grade is None and s.et_label == 4 for s in s20 + s21)
+
+
+def test_brats2023_names_and_et3(tmp_path):
+    make_release_tree(tmp_path, ["BraTS-GLI-00000-000", "BraTS-GLI-00002-001"], ["t1n", "t1c", "t2w", "t2f"], sep="-")
+    subjects = discover(tmp_path)
+    assert [s.subject_id for s in subjects] == ["BraTS-GLI-00000-000", "BraTS-GLI-00002-001"]
+    s = subjects[0]
+    assert s.layout == "brats2023" and s.et_label == 3
+    # Internal channel order T1, T1c, T2, FLAIR maps to t1n, t1c, t2w, t2f.
+    assert [p.rsplit("-", 1)[1] for p in s.images] == ["t1n.nii.gz", "t1c.nii.gz", "t2w.nii.gz", "t2f.nii.gz"]
+
+
+def test_unlabelled_validation_set(tmp_path):
+    make_release_tree(tmp_path, ["BraTS20_Validation_001"], CLASSIC, with_seg=False)
+    with pytest.raises(CMFLError, match="no label map"):
+        discover(tmp_path)
+    (s,) = discover(tmp_path, require_labels=False)
+    assert s.label is None
+
+
+@pytest.mark.parametrize("layout", ["brats2018", "brats2021", "brats2023"])
+def test_trees_written_by_the_package_are_discovered(tmp_path, layout):
+    written = write_tiny_dataset(tmp_path, n=3, layout=layout)
+    found = discover(tmp_path)
+    assert sorted(found, key=lambda s: s.subject_id) == sorted(written, key=lambda s: s.subject_id)
+
+
+def test_missing_modality_names_folder_and_modality(tmp_path):
+    make_release_tree(tmp_path, ["BraTS2021_00000"], ["t1", "t2", "flair"])
+    with pytest.raises(CMFLError) as e:
+        discover(tmp_path)
+    assert str(tmp_path / "BraTS2021_00000") in str(e.value) and "missing modality t1ce" in str(e.value)
+
+
+def test_empty_and_missing_root(tmp_path):
+    with pytest.raises(CMFLError, match="no subjects found"):
+        discover(tmp_path)
+    with pytest.raises(CMFLError, match="does not exist"):
+        discover(tmp_path / "nowhere")
+
+
+def test_explicit_csv_layout(tmp_path):
+    for name in ["a_T1.nii", "a_T1c.nii", "a_T2.nii", "a_FL.nii", "a_lab.nii"]:
+        touch(tmp_path / "imgs" / name)
+    csv = tmp_path / "list.csv"
+    csv.write_text("subject_id,t1,t1ce,t2,flair,seg,et_label\ncase_a,imgs/a_T1.nii,imgs/a_T1c.nii,imgs/a_T2.nii,"
+                   "imgs/a_FL.nii,imgs/a_lab.nii,3\n")
+    (s,) = discover(csv)
+    assert s.subject_id == "case_a" and s.layout == "csv" and s.et_label == 3
+    assert s.images[1] == str(tmp_path / "imgs" / "a_T1c.nii")
+    bad = tmp_path / "bad.csv"
+    bad.write_text("subject_id,t1,t2,flair\nx,a,b,c\n")
+    with pytest.raises(CMFLError, match="lacks column"):
+        discover(bad)
+
+
+def test_label_round_trip_2023():
+    internal = np.array([0, 1, 2, 4, 4, 1], np.uint8)
+    dataset = to_dataset(internal, et_label=3)
+    np.testing.assert_array_equal(dataset, [0, 1, 2, 3, 3, 1])
+    np.testing.assert_array_equal(to_internal(dataset, et_label=3), internal)
+    np.testing.assert_array_equal(to_dataset(internal, et_label=4), internal)
+    assert MODALITIES == ("t1", "t1ce", "t2", "flair")
