@@ -36,7 +36,7 @@ def test_prepare_prints_summary(tmp_path):
     assert r.stderr == ""
     assert "3 subjects in" in r.stdout and "| brats2018 | HGG | 2 | 20x22x24 | 1x1x1 |" in r.stdout
     summary = json.loads((tmp_path / "w" / "prepare_summary.json").read_text())
-    total = [row for row in summary["rows"] if row["layout"] == "all"][0]
+    total = next(row for row in summary["rows"] if row["layout"] == "all")
     assert total["subjects"] == 3 and total["mean voxels ET"] == 56 and total["with ET"] == 3
     assert len([f for f in cache_files(tmp_path / "cache") if f.endswith("image.npy")]) == 3
 

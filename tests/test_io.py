@@ -136,5 +136,5 @@ def test_gzip_of_garbage_is_reported(tmp_path):
     subject = write_tiny_subject(tmp_path, "brats2018", 0)
     with gzip.open(subject.images[0], "wb") as f:
         f.write(b"\0" * 400)
-    with pytest.raises(CMFLError, match="t1.nii.gz: unreadable"):
+    with pytest.raises(CMFLError, match=r"t1\.nii\.gz: unreadable"):
         load_subject(subject)
