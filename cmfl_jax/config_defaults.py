@@ -22,5 +22,33 @@ def data_config() -> ml_collections.ConfigDict:
             "tumour_prob": 1.0,  # probability that a patch centre is a tumour voxel (1.0: the paper)
             "flip": False,
             "num_workers": 0,
+            "pairing": "t1-t1ce/t2-flair",  # or "t1-flair/t2-t1ce" (Table 4)
+        }
+    )
+
+
+def model_config() -> ml_collections.ConfigDict:
+    """The U-Net of Fig. 3 (shared by the generators and the segmentation branches)."""
+    return ml_collections.ConfigDict(
+        {
+            "base": 16,  # filters of the first level, doubled after every down-sampling (section 4.1)
+            "depth": 4,  # number of down-samplings
+            "conv_impl": "auto",  # "native" | "cpu_fast" | "auto" (cpu_fast on CPU, native on GPU/TPU)
+            "dtype": "float32",  # compute dtype: "float32" or "bfloat16" (params stay float32)
+        }
+    )
+
+
+def train_config(steps: int) -> ml_collections.ConfigDict:
+    """Loop settings shared by both phases."""
+    return ml_collections.ConfigDict(
+        {
+            "steps": steps,
+            "batch_size": 1,  # the paper's batch size
+            "log_every": 10,  # metrics.jsonl / TensorBoard / log line every N steps
+            "save_every": 100,  # checkpoint every N steps (and always at the last step)
+            "max_to_keep": 3,
+            "preview_every": 100,  # PNG preview every N steps (0: never)
+            "fresh": False,  # True: ignore and delete the workdir's checkpoints, start at step 0
         }
     )

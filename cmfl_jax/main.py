@@ -24,6 +24,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 # config.job -> module with `run(config, workdir)`; imported lazily so each job loads only what it needs.
 JOBS = {
     "prepare": "cmfl_jax.prepare",
+    "cmft": "cmfl_jax.train_cmft",
 }
 
 

@@ -1,0 +1,78 @@
+"""Orbax checkpoints: one item per network (params + optimizer state) plus a JSON ``meta`` item.
+
+``meta`` holds the step, the root RNG key and the grain iterator state, so a resumed run
+continues with the same randomness and the same data order. Saves are asynchronous; call
+:func:`close` (it waits) before the process exits.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from cmfl_jax.errors import CMFLError
+
+
+def make_manager(workdir: str, save_interval_steps: int = 1, max_to_keep: int | None = 3,
+                 subdir: str = "checkpoints") -> ocp.CheckpointManager:
+    """A manager for ``<workdir>/<subdir>``; half-written (temporary) checkpoints are cleaned up on open."""
+    options = ocp.CheckpointManagerOptions(
+        save_interval_steps=save_interval_steps,
+        max_to_keep=max_to_keep,
+        cleanup_tmp_directories=True,
+    )
+    return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, subdir)), options=options)
+
+
+def save(manager: ocp.CheckpointManager, step: int, states: Mapping[str, Any], meta: dict,
+         force: bool = False) -> bool:
+    """Save every state (one Orbax item each) and the JSON ``meta``; returns whether it saved."""
+    items = {name: ocp.args.StandardSave(state) for name, state in states.items()}
+    items["meta"] = ocp.args.JsonSave(meta)
+    return manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+
+def restore(manager: ocp.CheckpointManager, targets: Mapping[str, Any], step: int | None = None,
+            partial: bool = False) -> tuple[dict, dict]:
+    """Restore the items named in ``targets`` onto their (abstract or concrete) trees; returns (states, meta).
+
+    ``partial=True`` restores only the sub-trees a target names, e.g. ``{"g_ab": {"params": ...}}``
+    takes a generator's params and leaves its optimizer state on disk (CMFF initialisation).
+    """
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise CMFLError(manager.directory, "no checkpoint found")
+    items = {}
+    for name, target in targets.items():
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+        if partial:
+            restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
+            items[name] = ocp.args.PyTreeRestore(abstract, restore_args=restore_args, partial_restore=True)
+        else:
+            items[name] = ocp.args.StandardRestore(abstract)
+    items["meta"] = ocp.args.JsonRestore()
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(**items))
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CMFLError(os.path.join(manager.directory, str(step)), f"cannot restore checkpoint: {first_line}") from e
+    return {n: restored[n] for n in targets}, dict(restored["meta"])
+
+
+def rng_to_json(key: jax.Array) -> list[int]:
+    return np.asarray(jax.random.key_data(key)).tolist()
+
+
+def rng_from_json(data: list[int]) -> jax.Array:
+    return jax.random.wrap_key_data(np.asarray(data, dtype=np.uint32))
+
+
+def close(manager: ocp.CheckpointManager) -> None:
+    """Finish pending asynchronous saves, then release the manager."""
+    manager.wait_until_finished()
+    manager.close()

@@ -1,0 +1,70 @@
+"""PNG previews where a picture says more than numbers: CMFT translations, segmentation overlays."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from cmfl_jax.data.io import atomic_path
+
+# Colours of the internal labels in overlays: NCR/NET red, oedema green, enhancing yellow.
+LABEL_COLOURS = {1: (1.0, 0.1, 0.1), 2: (0.1, 0.9, 0.1), 4: (1.0, 0.9, 0.0)}
+
+
+def _figure(nrows: int, ncols: int, size: float = 2.2):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    return plt, fig, axes
+
+
+def _save(plt, fig, path: str) -> None:
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=80, format="png")
+    plt.close(fig)
+
+
+def middle_slice(volume: np.ndarray) -> np.ndarray:
+    """The axial (last spatial axis) middle slice of a ``(D, H, W[, C])`` volume."""
+    return volume[:, :, volume.shape[2] // 2]
+
+
+def overlay(gray: np.ndarray, label: np.ndarray | None, alpha: float = 0.45) -> np.ndarray:
+    """RGB image of a grey slice with coloured labels on top."""
+    lo, hi = np.percentile(gray, [1, 99]) if gray.any() else (0.0, 1.0)
+    g = np.clip((gray - lo) / max(hi - lo, 1e-6), 0, 1)
+    rgb = np.stack([g, g, g], -1)
+    if label is not None:
+        for value, colour in LABEL_COLOURS.items():
+            m = label == value
+            rgb[m] = (1 - alpha) * rgb[m] + alpha * np.asarray(colour)
+    return np.rot90(rgb)
+
+
+def save_translation_png(path: str, a: np.ndarray, b: np.ndarray, outputs: dict, title: str = "") -> None:
+    """Middle slices of real A, fake B, reconstructed A / real B, fake A, reconstructed B (channel 0 and 1 rows).
+
+    ``a``, ``b`` are ``(D, H, W, 2)``; ``outputs`` holds ``fake_b, rec_a, fake_a, rec_b`` (cycle) or
+    ``out_a, out_b`` (self-reconstruction).
+    """
+    if "fake_b" in outputs:
+        columns = [("real A", a), ("fake B", outputs["fake_b"]), ("rec A", outputs["rec_a"]),
+                   ("real B", b), ("fake A", outputs["fake_a"]), ("rec B", outputs["rec_b"])]
+    else:
+        columns = [("real A", a), ("out A", outputs["out_a"]), ("real B", b), ("out B", outputs["out_b"])]
+    plt, fig, axes = _figure(2, len(columns))
+    for col, (name, volume) in enumerate(columns):
+        for ch in range(2):
+            axes[ch, col].imshow(overlay(middle_slice(np.asarray(volume))[..., ch], None))
+            axes[ch, col].set_title(f"{name} ch{ch}", fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    _save(plt, fig, path)

@@ -1,0 +1,163 @@
+"""Phase 1, CMFT (section 3.1): a CycleGAN between the modality pairs A and B.
+
+Four networks, four optax states: ``g_ab`` (A -> B), ``g_ba`` (B -> A), ``d_a``, ``d_b``.
+With ``config.cmft.objective = "self"`` the generators are self-reconstruction networks
+``g_aa`` (A -> A) and ``g_bb`` (B -> B) trained with the same machinery (the paper's
+Ours_self initialisation): adversarial terms on their outputs plus lambda times the L1
+reconstruction. No history buffer of fakes is used: the discriminators see the current
+generators' fakes (batch 1, as in the paper).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from cmfl_jax import losses
+from cmfl_jax.data.dataset import load_entries
+from cmfl_jax.data.pairs import pair_channels, split_pairs
+from cmfl_jax.data.pipeline import patch_dataset
+from cmfl_jax.models import PatchDiscriminator, UNet3D
+from cmfl_jax.previews import save_translation_png
+from cmfl_jax.training import DTYPES, Phase, create_train_state, fit, make_optimizer
+
+GENERATORS = {"cycle": ("g_ab", "g_ba"), "self": ("g_aa", "g_bb")}
+
+
+def build_models(config: ml_collections.ConfigDict) -> tuple[UNet3D, PatchDiscriminator]:
+    m = config.model
+    dtype = DTYPES[m.dtype]
+    generator = UNet3D(out_channels=2, base=m.base, depth=m.depth, dtype=dtype, conv_impl=m.conv_impl)
+    discriminator = PatchDiscriminator(dtype=dtype, conv_impl=m.conv_impl)
+    return generator, discriminator
+
+
+def create_states(rng: jax.Array, config: ml_collections.ConfigDict) -> dict:
+    """The four train states, each with its own Adam (generators and discriminators may differ in lr)."""
+    generator, discriminator = build_models(config)
+    c, steps = config.cmft, config.train.steps
+    g_tx = lambda: make_optimizer(c.g_lr, c.b1, c.b2, steps, c.decay_start)
+    d_tx = lambda: make_optimizer(c.d_lr, c.b1, c.b2, steps, c.decay_start)
+    g_size = 2**config.model.depth
+    g1, g2 = GENERATORS[c.objective]
+    keys = jax.random.split(rng, 4)
+    return {
+        g1: create_train_state(keys[0], generator, (1, g_size, g_size, g_size, 2), g_tx()),
+        g2: create_train_state(keys[1], generator, (1, g_size, g_size, g_size, 2), g_tx()),
+        "d_a": create_train_state(keys[2], discriminator, (1, 32, 32, 32, 2), d_tx()),
+        "d_b": create_train_state(keys[3], discriminator, (1, 32, 32, 32, 2), d_tx()),
+    }
+
+
+def _gen(state, params, x):
+    return state.apply_fn({"params": params}, x)[0]
+
+
+def _disc(state, params, x):
+    return state.apply_fn({"params": params}, x)
+
+
+def translate(states: dict, a: jax.Array, b: jax.Array, objective: str) -> dict:
+    """The generators' outputs: for "cycle" fake B, reconstructed A, fake A, reconstructed B."""
+    g1, g2 = (states[n] for n in GENERATORS[objective])
+    if objective == "self":
+        return {"out_a": _gen(g1, g1.params, a), "out_b": _gen(g2, g2.params, b)}
+    fake_b = _gen(g1, g1.params, a)
+    fake_a = _gen(g2, g2.params, b)
+    rec_a, rec_b = _gen(g2, g2.params, fake_b), _gen(g1, g1.params, fake_a)
+    return {"fake_b": fake_b, "rec_a": rec_a, "fake_a": fake_a, "rec_b": rec_b}
+
+
+def train_step(states: dict, batch: dict, rng: jax.Array, *, pairing: str, objective: str,
+               lambda_cycle: float, identity_weight: float) -> tuple[dict, dict]:
+    """One CMFT step: generators on Eq. 6 (plus optional identity), then discriminators on stop-gradient fakes."""
+    del rng  # the step is deterministic; the argument keeps the signature of every phase
+    a, b = split_pairs(batch["image"], pairing)
+    n1, n2 = GENERATORS[objective]
+    g1, g2, d_a, d_b = states[n1], states[n2], states["d_a"], states["d_b"]
+
+    def generator_loss(g_params):
+        p1, p2 = g_params
+        if objective == "cycle":
+            fake_b, fake_a = _gen(g1, p1, a), _gen(g2, p2, b)
+            rec_a, rec_b = _gen(g2, p2, fake_b), _gen(g1, p1, fake_a)
+            recon = losses.l1_loss(rec_a, a) + losses.l1_loss(rec_b, b)  # Eq. 4
+        else:
+            fake_b, fake_a = _gen(g2, p2, b), _gen(g1, p1, a)  # "fakes" are the self-reconstructions
+            recon = losses.l1_loss(fake_a, a) + losses.l1_loss(fake_b, b)
+        adv = losses.lsgan_generator_loss(_disc(d_b, d_b.params, fake_b)) + losses.lsgan_generator_loss(
+            _disc(d_a, d_a.params, fake_a)
+        )
+        total = adv + lambda_cycle * recon  # Eq. 6
+        metrics = {"g_adv": adv, "cycle" if objective == "cycle" else "recon": recon}
+        if identity_weight > 0 and objective == "cycle":
+            identity = losses.l1_loss(_gen(g1, p1, b), b) + losses.l1_loss(_gen(g2, p2, a), a)
+            total = total + identity_weight * identity
+            metrics["identity"] = identity
+        metrics["g_total"] = total
+        return total, (metrics, fake_a, fake_b)
+
+    (_, (metrics, fake_a, fake_b)), (grad1, grad2) = jax.value_and_grad(generator_loss, has_aux=True)(
+        (g1.params, g2.params)
+    )
+    fake_a, fake_b = jax.lax.stop_gradient(fake_a), jax.lax.stop_gradient(fake_b)
+
+    def discriminator_loss(params, state, real, fake):
+        return losses.lsgan_discriminator_loss(_disc(state, params, real), _disc(state, params, fake))  # Eq. 2/3
+
+    loss_da, grad_da = jax.value_and_grad(discriminator_loss)(d_a.params, d_a, a, fake_a)
+    loss_db, grad_db = jax.value_and_grad(discriminator_loss)(d_b.params, d_b, b, fake_b)
+    new_states = {
+        n1: g1.apply_gradients(grads=grad1),
+        n2: g2.apply_gradients(grads=grad2),
+        "d_a": d_a.apply_gradients(grads=grad_da),
+        "d_b": d_b.apply_gradients(grads=grad_db),
+    }
+    return new_states, {**metrics, "d_a": loss_da, "d_b": loss_db}
+
+
+def make_train_step(config: ml_collections.ConfigDict):
+    """The jitted step for this config (states donated: updated in place)."""
+    c = config.cmft
+    step = functools.partial(train_step, pairing=config.data.pairing, objective=c.objective,
+                             lambda_cycle=c.lambda_cycle, identity_weight=c.identity_weight)
+    return jax.jit(step, donate_argnums=(0,))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Train CMFT on the configured data; returns the final states."""
+    c = config.cmft
+    if c.objective not in GENERATORS:
+        from cmfl_jax.errors import CMFLError
+
+        raise CMFLError("config.cmft.objective", f"unknown objective {c.objective!r}; choose cycle or self")
+    pair_channels(config.data.pairing)  # fail early on a bad pairing
+    entries = load_entries(config.data)
+    d = config.data
+    dataset = patch_dataset(entries, d.patch_size, seed=config.seed, batch_size=config.train.batch_size,
+                            tumour_prob=d.tumour_prob, flip=d.flip, num_workers=d.num_workers)
+    states = create_states(jax.random.key(config.seed), config)
+    preview = jax.jit(functools.partial(translate, objective=c.objective))
+
+    def on_step(step, states, batch):
+        if config.train.preview_every and step % config.train.preview_every == 0:
+            a, b = split_pairs(batch["image"], config.data.pairing)
+            outputs = jax.device_get(preview(states, a[:1], b[:1]))
+            path = os.path.join(workdir, "previews", f"cmft_{step:07d}.png")
+            save_translation_png(path, np.asarray(a[0]), np.asarray(b[0]), {k: v[0] for k, v in outputs.items()},
+                                 title=f"CMFT step {step}")
+        return None
+
+    phase = Phase("cmft", states, make_train_step(config), to_batch=lambda b: {"image": jnp.asarray(b["image"])},
+                  on_step=on_step)
+    states, _ = fit(phase, dataset, config.train, workdir, config.seed)
+    return states
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> None:
+    train_and_evaluate(config, workdir)

@@ -1,0 +1,108 @@
+"""What both training phases share: optimizers, train-state creation, and the resumable loop.
+
+The loop draws one batch per step from a grain iterator, runs a jitted pure step
+``(states, batch, rng) -> (states, metrics)`` with ``rng = fold_in(root_rng, step)``, logs,
+and saves through Orbax. A workdir with a checkpoint resumes from it: the states, the root
+RNG and the iterator state come back, so the resumed run sees exactly the batches and the
+random numbers an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax.training import train_state
+
+from cmfl_jax import checkpoints
+from cmfl_jax.run_log import RunLog
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def make_optimizer(lr: float, b1: float, b2: float, total_steps: int, decay_start: int = -1
+                   ) -> optax.GradientTransformation:
+    """Adam; with ``decay_start >= 0`` the rate falls linearly to 0 from that step to the last (as CycleGAN)."""
+    schedule: Any = lr
+    if 0 <= decay_start < total_steps:
+        schedule = optax.join_schedules(
+            [optax.constant_schedule(lr), optax.linear_schedule(lr, 0.0, total_steps - decay_start)], [decay_start]
+        )
+    return optax.adam(schedule, b1=b1, b2=b2)
+
+
+def create_train_state(rng: jax.Array, module: nn.Module, input_shape: tuple[int, ...],
+                       tx: optax.GradientTransformation) -> train_state.TrainState:
+    """Init ``module`` on a zero input of ``input_shape`` (keep it small: conv params ignore spatial size)."""
+    params = jax.jit(module.init)(rng, jnp.zeros(input_shape, jnp.float32))["params"]
+    return train_state.TrainState.create(apply_fn=module.apply, params=params, tx=tx)
+
+
+@dataclasses.dataclass
+class Phase:
+    """A training phase as the loop sees it.
+
+    Attributes:
+      name: prefix of log lines and metrics (``cmft``, ``cmff``).
+      states: the named train states (one Orbax item each).
+      step_fn: jitted ``(states, batch, rng) -> (states, metrics)``; may donate ``states``.
+      to_batch: host batch from the pipeline -> arrays the step takes.
+      on_step: called after every step with ``(step, states, batch)``; returns metrics to log or None
+        (previews, validation).
+    """
+
+    name: str
+    states: dict
+    step_fn: Callable
+    to_batch: Callable[[dict], Any]
+    on_step: Callable[[int, dict, Any], Mapping[str, float] | None] | None = None
+
+
+def fit(phase: Phase, dataset, train: ml_collections.ConfigDict, workdir: str, seed: int) -> tuple[dict, int]:
+    """Run ``phase`` for ``train.steps`` steps, resuming from ``workdir`` when it holds a checkpoint."""
+    if train.fresh and os.path.isdir(os.path.join(workdir, "checkpoints")):
+        logging.info("config.train.fresh: removing %s", os.path.join(workdir, "checkpoints"))
+        shutil.rmtree(os.path.join(workdir, "checkpoints"))
+    manager = checkpoints.make_manager(workdir, train.save_every, train.max_to_keep)
+    states, rng, start = phase.states, jax.random.key(seed), 0
+    iterator = iter(dataset)
+    if manager.latest_step() is not None:
+        states, meta = checkpoints.restore(manager, states)
+        start, rng = int(meta["step"]), checkpoints.rng_from_json(meta["rng"])
+        iterator.set_state(meta["data"])
+        logging.info("%s: resumed from step %d of %s", phase.name, start, manager.directory)
+    log = RunLog(workdir, train.steps, start, desc=phase.name, log_every=train.log_every)
+    try:
+        for step in range(start + 1, train.steps + 1):
+            batch = phase.to_batch(next(iterator))
+            states, metrics = phase.step_fn(states, batch, jax.random.fold_in(rng, step))
+            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            if step % train.log_every == 0 or step == train.steps:
+                log.write(step, metrics)
+            log.progress(step, metrics)
+            extra = phase.on_step(step, states, batch) if phase.on_step else None
+            if extra:
+                log.write(step, extra, prefix="val")
+            meta = {"step": step, "rng": checkpoints.rng_to_json(rng), "data": iterator.get_state()}
+            checkpoints.save(manager, step, states, meta, force=step == train.steps)
+    finally:
+        log.close()
+        checkpoints.close(manager)
+        if hasattr(iterator, "close"):
+            iterator.close()
+    return states, max(start, train.steps)
+
+
+def to_device_batch(batch: Mapping[str, np.ndarray]) -> dict:
+    """Host batch -> device arrays (images float32, labels int32)."""
+    return {"image": jnp.asarray(batch["image"]), "label": jnp.asarray(batch["label"], jnp.int32)}

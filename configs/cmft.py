@@ -1,0 +1,44 @@
+"""Phase 1, CMFT: the CycleGAN between the modality pairs (section 3.1).
+
+  python -m cmfl_jax.main --config=configs/cmft.py --workdir=runs/cmft [--config.data.root=/data/BraTS2018]
+Variants: ``configs/cmft.py:smoke`` (seconds, 32^3, base 4, depth 2),
+``--config.cmft.objective=self`` (Ours_self), ``--config.data.pairing=t1-flair/t2-t1ce``.
+"""
+
+import ml_collections
+
+from cmfl_jax.config_defaults import data_config, model_config, train_config
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.job = "cmft"
+    config.seed = 0
+    config.data = data_config()
+    config.model = model_config()
+    config.train = train_config(steps=20000)
+    config.cmft = ml_collections.ConfigDict(
+        {
+            "objective": "cycle",  # "cycle" (CMFT) or "self" (self-reconstruction, Ours_self)
+            "lambda_cycle": 10.0,  # lambda of Eq. 6
+            "identity_weight": 0.0,  # CycleGAN's identity loss, off by default (not in the paper)
+            "g_lr": 1e-4,
+            "d_lr": 1e-4,
+            "b1": 0.5,  # CycleGAN's Adam beta1
+            "b2": 0.999,
+            "decay_start": -1,  # step where the learning rate starts its linear decay to 0 (-1: constant)
+        }
+    )
+    if arg == "smoke":
+        config.data.synthetic.n = 4
+        config.data.synthetic.shape = (48, 48, 48)
+        config.data.patch_size = (32, 32, 32)
+        config.model.base = 4
+        config.model.depth = 2
+        config.train.steps = 6
+        config.train.log_every = 1
+        config.train.save_every = 3
+        config.train.preview_every = 3
+    elif arg:
+        raise ValueError(f"unknown variant {arg!r} of configs/cmft.py (known: smoke)")
+    return config
