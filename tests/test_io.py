@@ -138,3 +138,13 @@ def test_gzip_of_garbage_is_reported(tmp_path):
         f.write(b"\0" * 400)
     with pytest.raises(CMFLError, match=r"t1\.nii\.gz: unreadable"):
         load_subject(subject)
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    path = str(tmp_path / "p.nii.gz")
+    umask = os.umask(0o022)
+    try:
+        write_nifti(path, np.ones((2, 2, 2), np.float32), np.eye(4))
+    finally:
+        os.umask(umask)
+    assert os.stat(path).st_mode & 0o777 == 0o644
