@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import jax
 import numpy as np
 import pytest
 from absl import flags
@@ -13,6 +14,10 @@ from cmfl_jax.data.layouts import Subject, subject_file_paths, to_dataset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_SHAPE = (20, 22, 24)
+
+# Identical computations compiled by several tests (or CI runs) are compiled once.
+jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.expanduser("~"), ".cache", "cmfl_jax", "jax_tests"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 # grain's worker processes read absl flags; under pytest nobody parses them.
 if not flags.FLAGS.is_parsed():

@@ -1,0 +1,7 @@
+"""Networks of the method (flax.linen, channels last ``(N, D, H, W, C)``)."""
+
+from cmfl_jax.models.conv import Conv3D, UpConv3D, resolve_conv_impl
+from cmfl_jax.models.discriminator import PatchDiscriminator
+from cmfl_jax.models.unet import UNet3D
+
+__all__ = ["Conv3D", "PatchDiscriminator", "UNet3D", "UpConv3D", "resolve_conv_impl"]
