@@ -28,6 +28,11 @@ JOBS = {
 }
 
 
+def _quiet_libraries(record) -> bool:
+    """Keep library INFO chatter (Orbax logs every save in detail) out of the job's log; warnings pass."""
+    return record.levelno >= 30 or not any(lib in record.pathname for lib in ("/orbax/", "/grain/", "/jax/"))
+
+
 def _run(argv: list[str]) -> None:
     del argv
     config = FLAGS.config
@@ -35,7 +40,9 @@ def _run(argv: list[str]) -> None:
     if job not in JOBS:
         raise CMFLError("config.job", f"unknown job {job!r}; known jobs: {', '.join(sorted(JOBS))}")
     # Logs and progress lines go to stdout, so stderr carries nothing but errors (one line each).
-    logging.get_absl_handler().python_handler.stream = sys.stdout
+    handler = logging.get_absl_handler().python_handler
+    handler.stream = sys.stdout
+    handler.addFilter(_quiet_libraries)
     logging.set_verbosity(logging.INFO)
     importlib.import_module(JOBS[job]).run(config, FLAGS.workdir)
 

@@ -12,7 +12,8 @@ from cmfl_jax.data.io import atomic_path
 LABEL_COLOURS = {1: (1.0, 0.1, 0.1), 2: (0.1, 0.9, 0.1), 4: (1.0, 0.9, 0.0)}
 
 
-def _figure(nrows: int, ncols: int, size: float = 2.2):
+def new_figure(nrows: int, ncols: int, size: float = 2.2):
+    """A matplotlib figure (Agg backend) with a grid of axes, axes hidden until used."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -24,7 +25,8 @@ def _figure(nrows: int, ncols: int, size: float = 2.2):
     return plt, fig, axes
 
 
-def _save(plt, fig, path: str) -> None:
+def save_figure(plt, fig, path: str) -> None:
+    """Write the figure as PNG atomically and free it."""
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=80, format="png")
@@ -59,7 +61,7 @@ def save_translation_png(path: str, a: np.ndarray, b: np.ndarray, outputs: dict,
                    ("real B", b), ("fake A", outputs["fake_a"]), ("rec B", outputs["rec_b"])]
     else:
         columns = [("real A", a), ("out A", outputs["out_a"]), ("real B", b), ("out B", outputs["out_b"])]
-    plt, fig, axes = _figure(2, len(columns))
+    plt, fig, axes = new_figure(2, len(columns))
     for col, (name, volume) in enumerate(columns):
         for ch in range(2):
             axes[ch, col].imshow(overlay(middle_slice(np.asarray(volume))[..., ch], None))
@@ -67,4 +69,4 @@ def save_translation_png(path: str, a: np.ndarray, b: np.ndarray, outputs: dict,
     if title:
         fig.suptitle(title, fontsize=9)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    _save(plt, fig, path)
+    save_figure(plt, fig, path)
