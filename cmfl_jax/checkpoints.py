@@ -18,11 +18,12 @@ import orbax.checkpoint as ocp
 from cmfl_jax.errors import CMFLError
 
 
-def make_manager(workdir: str, save_interval_steps: int = 1, max_to_keep: int | None = 3,
-                 subdir: str = "checkpoints") -> ocp.CheckpointManager:
-    """A manager for ``<workdir>/<subdir>``; half-written (temporary) checkpoints are cleaned up on open."""
+def make_manager(workdir: str, max_to_keep: int | None = 3, subdir: str = "checkpoints") -> ocp.CheckpointManager:
+    """A manager for ``<workdir>/<subdir>``; half-written (temporary) checkpoints are cleaned up on open.
+
+    The caller decides when to save (Orbax's own interval logic would also save the first step).
+    """
     options = ocp.CheckpointManagerOptions(
-        save_interval_steps=save_interval_steps,
         max_to_keep=max_to_keep,
         cleanup_tmp_directories=True,
     )

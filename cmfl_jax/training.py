@@ -73,7 +73,7 @@ def fit(phase: Phase, dataset, train: ml_collections.ConfigDict, workdir: str, s
     if train.fresh and os.path.isdir(os.path.join(workdir, "checkpoints")):
         logging.info("config.train.fresh: removing %s", os.path.join(workdir, "checkpoints"))
         shutil.rmtree(os.path.join(workdir, "checkpoints"))
-    manager = checkpoints.make_manager(workdir, train.save_every, train.max_to_keep)
+    manager = checkpoints.make_manager(workdir, train.max_to_keep)
     states, rng, start = phase.states, jax.random.key(seed), 0
     iterator = iter(dataset)
     if manager.latest_step() is not None:
@@ -93,8 +93,9 @@ def fit(phase: Phase, dataset, train: ml_collections.ConfigDict, workdir: str, s
             extra = phase.on_step(step, states, batch) if phase.on_step else None
             if extra:
                 log.write(step, extra, prefix="val")
-            meta = {"step": step, "rng": checkpoints.rng_to_json(rng), "data": iterator.get_state()}
-            checkpoints.save(manager, step, states, meta, force=step == train.steps)
+            if step % train.save_every == 0 or step == train.steps:
+                meta = {"step": step, "rng": checkpoints.rng_to_json(rng), "data": iterator.get_state()}
+                checkpoints.save(manager, step, states, meta, force=True)
     finally:
         log.close()
         checkpoints.close(manager)

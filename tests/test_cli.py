@@ -78,3 +78,19 @@ def test_missing_root_and_unknown_job(tmp_path):
     assert r.returncode == 2 and r.stderr.strip() == f"cmfl_jax: error: {tmp_path / 'no'}: data root does not exist"
     r = run_cli("--config=configs/prepare.py", f"--workdir={tmp_path / 'w'}", "--config.job=nope")
     assert r.returncode == 2 and "config.job: unknown job 'nope'" in r.stderr
+
+
+def test_cmft_smoke_config_end_to_end(tmp_path):
+    """configs/cmft.py:smoke on the built-in data: checkpoint, metrics, previews; a rerun resumes."""
+    args = ("--config=configs/cmft.py:smoke", f"--workdir={tmp_path / 'w'}")
+    r = run_cli(*args, cache=tmp_path / "cache", timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    steps = [json.loads(x)["step"] for x in open(tmp_path / "w" / "metrics.jsonl")]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert sorted(os.listdir(tmp_path / "w" / "checkpoints")) == ["3", "6"]
+    assert sorted(os.listdir(tmp_path / "w" / "previews")) == ["cmft_0000003.png", "cmft_0000006.png"]
+    assert os.listdir(tmp_path / "w" / "tensorboard")
+    again = run_cli(*args, "--config.train.steps=7", cache=tmp_path / "cache", timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resumed from step 6" in again.stdout
+    assert [json.loads(x)["step"] for x in open(tmp_path / "w" / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6, 7]
