@@ -33,6 +33,18 @@ def _quiet_libraries(record) -> bool:
     return record.levelno >= 30 or not any(lib in record.pathname for lib in ("/orbax/", "/grain/", "/jax/"))
 
 
+def _enable_compilation_cache() -> None:
+    """Persist XLA compilations (a 3D U-Net step takes ~1 min to compile on CPU) across runs and resumes."""
+    import os
+
+    import jax
+
+    from cmfl_jax.data.cache import default_cache_dir
+
+    jax.config.update("jax_compilation_cache_dir", os.path.join(default_cache_dir(), "jax"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
 def _run(argv: list[str]) -> None:
     del argv
     config = FLAGS.config
@@ -44,6 +56,7 @@ def _run(argv: list[str]) -> None:
     handler.stream = sys.stdout
     handler.addFilter(_quiet_libraries)
     logging.set_verbosity(logging.INFO)
+    _enable_compilation_cache()
     importlib.import_module(JOBS[job]).run(config, FLAGS.workdir)
 
 
