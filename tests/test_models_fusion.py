@@ -1,0 +1,78 @@
+"""The fusion branch's attention variants and every CMFFNet branches x attention combination."""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cmfl_jax.models import CMFFNet, FusionBranch, UNet3D
+
+
+def fusion_inputs(seed=0, shape=(1, 8, 8, 8)):
+    ks = jax.random.split(jax.random.key(seed), 6)
+    feats_a = (jax.random.normal(ks[0], (*shape, 4)), jax.random.normal(ks[1], (*shape, 4)))
+    feats_b = (jax.random.normal(ks[2], (*shape, 4)), jax.random.normal(ks[3], (*shape, 4)))
+    probs_a = jax.nn.softmax(3 * jax.random.normal(ks[4], (*shape, 4)))
+    probs_b = jax.nn.softmax(3 * jax.random.normal(ks[5], (*shape, 4)))
+    return feats_a, feats_b, probs_a, probs_b
+
+
+def test_none_ignores_masks_and_mask_uses_them():
+    fa, fb, pa, pb = fusion_inputs()
+    _, _, pa2, pb2 = fusion_inputs(seed=1)
+    none = FusionBranch(features=4, attention="none", conv_impl="native")
+    mask = FusionBranch(features=4, attention="mask", conv_impl="native")
+    params = none.init(jax.random.key(0), fa, fb, pa, pb)
+    assert jax.tree.structure(params) == jax.tree.structure(mask.init(jax.random.key(0), fa, fb, pa, pb))
+    np.testing.assert_array_equal(none.apply(params, fa, fb, pa, pb), none.apply(params, fa, fb, pa2, pb2))
+    assert not np.allclose(mask.apply(params, fa, fb, pa, pb), mask.apply(params, fa, fb, pa2, pb2))
+    assert not np.allclose(mask.apply(params, fa, fb, pa, pb), none.apply(params, fa, fb, pa, pb))
+    # All-background masks (m = 0) make the mask-guided block the identity: "mask" equals "none".
+    background = jnp.zeros_like(pa).at[..., 0].set(1.0)
+    np.testing.assert_allclose(mask.apply(params, fa, fb, background, background),
+                               none.apply(params, fa, fb, background, background), rtol=1e-6, atol=1e-6)
+
+
+def test_cbam_has_its_own_params_and_ignores_masks():
+    fa, fb, pa, pb = fusion_inputs()
+    _, _, pa2, pb2 = fusion_inputs(seed=1)
+    cbam = FusionBranch(features=4, attention="cbam", conv_impl="native")
+    params = cbam.init(jax.random.key(0), fa, fb, pa, pb)
+    assert {"ca_dense_0", "ca_dense_1", "sa_conv"} <= set(params["params"])
+    np.testing.assert_array_equal(cbam.apply(params, fa, fb, pa, pb), cbam.apply(params, fa, fb, pa2, pb2))
+
+
+@pytest.mark.parametrize("branches,attention", list(itertools.product(["fusion", "A", "B", "A+B"],
+                                                                        ["mask", "cbam", "none"])))
+def test_every_combination_runs(branches, attention):
+    net = CMFFNet(branches=branches, attention=attention, base=4, depth=2, conv_impl="native")
+    a, b = jnp.ones((1, 16, 16, 16, 2)), -jnp.ones((1, 16, 16, 16, 2))
+    variables = jax.eval_shape(net.init, jax.random.key(0), a, b)
+    out = jax.eval_shape(net.apply, variables, a, b)
+    assert out["probs"].shape == (1, 16, 16, 16, 4)
+    expected = {"fusion": {"S_A", "S_B", "S_F"}, "A": {"S_A"}, "B": {"S_B"}, "A+B": {"S_A", "S_B"}}[branches]
+    assert set(variables["params"]) == expected
+    assert (out["logits_f"] is not None) == (branches == "fusion")
+
+
+def test_branch_trees_match_a_generator_but_for_the_head():
+    a = jnp.ones((1, 16, 16, 16, 2))
+    net = jax.eval_shape(CMFFNet(base=4, depth=2).init, jax.random.key(0), a, a)["params"]
+    gen = jax.eval_shape(UNet3D(2, base=4, depth=2).init, jax.random.key(0), a)["params"]
+    shapes = lambda p: jax.tree.map(lambda x: x.shape, {k: v for k, v in p.items() if k != "head"})
+    assert shapes(net["S_A"]) == shapes(gen) == shapes(net["S_B"])
+
+
+def test_a_plus_b_averages_softmax_and_probs_sum_to_one():
+    net = CMFFNet(branches="A+B", base=4, depth=2, conv_impl="native")
+    a = jax.random.normal(jax.random.key(1), (1, 16, 16, 16, 2))
+    b = jax.random.normal(jax.random.key(2), (1, 16, 16, 16, 2))
+    params = net.init(jax.random.key(0), a, b)
+    out = net.apply(params, a, b)
+    expected = 0.5 * (jax.nn.softmax(out["logits_a"]) + jax.nn.softmax(out["logits_b"]))
+    np.testing.assert_allclose(out["probs"], expected, rtol=1e-6)
+    np.testing.assert_allclose(out["probs"].sum(-1), 1.0, rtol=1e-5)
