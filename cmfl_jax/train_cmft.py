@@ -22,6 +22,7 @@ from cmfl_jax import losses
 from cmfl_jax.data.dataset import load_entries
 from cmfl_jax.data.pairs import pair_channels, split_pairs
 from cmfl_jax.data.pipeline import patch_dataset
+from cmfl_jax.errors import CMFLError
 from cmfl_jax.models import PatchDiscriminator, UNet3D
 from cmfl_jax.previews import save_translation_png
 from cmfl_jax.training import DTYPES, Phase, create_train_state, fit, make_optimizer
@@ -62,15 +63,25 @@ def _disc(state, params, x):
     return state.apply_fn({"params": params}, x)
 
 
-def translate(states: dict, a: jax.Array, b: jax.Array, objective: str) -> dict:
-    """The generators' outputs: for "cycle" fake B, reconstructed A, fake A, reconstructed B."""
-    g1, g2 = (states[n] for n in GENERATORS[objective])
+def _outputs(g1, p1, g2, p2, a, b, objective: str) -> dict:
+    """The generators' outputs with the given params: the one definition of the CMFT forward pass.
+
+    "cycle": fake B = G_AB(A), fake A = G_BA(B) and their reconstructions; "self": the
+    self-reconstructions G_AA(A) and G_BB(B) (stored as ``fake_a``, ``fake_b``).
+    """
     if objective == "self":
-        return {"out_a": _gen(g1, g1.params, a), "out_b": _gen(g2, g2.params, b)}
-    fake_b = _gen(g1, g1.params, a)
-    fake_a = _gen(g2, g2.params, b)
-    rec_a, rec_b = _gen(g2, g2.params, fake_b), _gen(g1, g1.params, fake_a)
-    return {"fake_b": fake_b, "rec_a": rec_a, "fake_a": fake_a, "rec_b": rec_b}
+        return {"fake_a": _gen(g1, p1, a), "fake_b": _gen(g2, p2, b)}
+    fake_b, fake_a = _gen(g1, p1, a), _gen(g2, p2, b)
+    return {"fake_b": fake_b, "rec_a": _gen(g2, p2, fake_b), "fake_a": fake_a, "rec_b": _gen(g1, p1, fake_a)}
+
+
+def translate(states: dict, a: jax.Array, b: jax.Array, objective: str) -> dict:
+    """The generators' outputs for previews: fake B, reconstructed A, fake A, reconstructed B (or out A/B)."""
+    g1, g2 = (states[n] for n in GENERATORS[objective])
+    out = _outputs(g1, g1.params, g2, g2.params, a, b, objective)
+    if objective == "self":
+        return {"out_a": out["fake_a"], "out_b": out["fake_b"]}
+    return out
 
 
 def train_step(states: dict, batch: dict, rng: jax.Array, *, pairing: str, objective: str,
@@ -83,12 +94,11 @@ def train_step(states: dict, batch: dict, rng: jax.Array, *, pairing: str, objec
 
     def generator_loss(g_params):
         p1, p2 = g_params
+        out = _outputs(g1, p1, g2, p2, a, b, objective)
+        fake_a, fake_b = out["fake_a"], out["fake_b"]
         if objective == "cycle":
-            fake_b, fake_a = _gen(g1, p1, a), _gen(g2, p2, b)
-            rec_a, rec_b = _gen(g2, p2, fake_b), _gen(g1, p1, fake_a)
-            recon = losses.l1_loss(rec_a, a) + losses.l1_loss(rec_b, b)  # Eq. 4
+            recon = losses.l1_loss(out["rec_a"], a) + losses.l1_loss(out["rec_b"], b)  # Eq. 4
         else:
-            fake_b, fake_a = _gen(g2, p2, b), _gen(g1, p1, a)  # "fakes" are the self-reconstructions
             recon = losses.l1_loss(fake_a, a) + losses.l1_loss(fake_b, b)
         adv = losses.lsgan_generator_loss(_disc(d_b, d_b.params, fake_b)) + losses.lsgan_generator_loss(
             _disc(d_a, d_a.params, fake_a)
@@ -133,8 +143,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Train CMFT on the configured data; returns the final states."""
     c = config.cmft
     if c.objective not in GENERATORS:
-        from cmfl_jax.errors import CMFLError
-
         raise CMFLError("config.cmft.objective", f"unknown objective {c.objective!r}; choose cycle or self")
     pair_channels(config.data.pairing)  # fail early on a bad pairing
     entries = load_entries(config.data)

@@ -19,7 +19,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from absl import logging
 from flax.training import train_state
@@ -103,7 +102,3 @@ def fit(phase: Phase, dataset, train: ml_collections.ConfigDict, workdir: str, s
             iterator.close()
     return states, max(start, train.steps)
 
-
-def to_device_batch(batch: Mapping[str, np.ndarray]) -> dict:
-    """Host batch -> device arrays (images float32, labels int32)."""
-    return {"image": jnp.asarray(batch["image"]), "label": jnp.asarray(batch["label"], jnp.int32)}
