@@ -18,16 +18,38 @@ import orbax.checkpoint as ocp
 from cmfl_jax.errors import CMFLError
 
 
-def make_manager(workdir: str, max_to_keep: int | None = 3, subdir: str = "checkpoints") -> ocp.CheckpointManager:
+def make_manager(workdir: str, max_to_keep: int | None = 3, subdir: str = "checkpoints",
+                 read_only: bool = False) -> ocp.CheckpointManager:
     """A manager for ``<workdir>/<subdir>``; half-written (temporary) checkpoints are cleaned up on open.
 
     The caller decides when to save (Orbax's own interval logic would also save the first step).
+    ``read_only`` opens another run's checkpoints (CMFF reading CMFT's) without touching them.
     """
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep,
-        cleanup_tmp_directories=True,
+        max_to_keep=None if read_only else max_to_keep,  # never deletes, never saves (no warnings as read_only=True)
+        cleanup_tmp_directories=not read_only,
+        create=not read_only,
     )
     return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, subdir)), options=options)
+
+
+def latest_step(workdir: str, subdir: str = "checkpoints") -> int | None:
+    """The newest finished checkpoint step under ``<workdir>/<subdir>``, or None (no folder, no checkpoint)."""
+    if not os.path.isdir(os.path.join(workdir, subdir)):
+        return None
+    manager = make_manager(workdir, None, subdir, read_only=True)
+    try:
+        return manager.latest_step()
+    finally:
+        manager.close()
+
+
+def read_meta(manager: ocp.CheckpointManager, step: int | None = None) -> dict | None:
+    """The JSON ``meta`` item of a checkpoint (default: the latest), or None when there is none."""
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        return None
+    return dict(manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
 
 
 def save(manager: ocp.CheckpointManager, step: int, states: Mapping[str, Any], meta: dict,

@@ -52,3 +52,26 @@ def train_config(steps: int) -> ml_collections.ConfigDict:
             "fresh": False,  # True: ignore and delete the workdir's checkpoints, start at step 0
         }
     )
+
+
+def use_smoke_sizes(config: ml_collections.ConfigDict) -> None:
+    """Seconds-long runs (tests, CI): 4 synthetic 48^3 subjects, 32^3 patches, U-Net base 4, depth 2.
+
+    Shared by the ``:smoke`` variants of every phase, so a CMFT smoke checkpoint fits a CMFF smoke run.
+    """
+    config.data.synthetic.n = 4
+    config.data.synthetic.shape = (48, 48, 48)
+    config.data.patch_size = (32, 32, 32)
+    config.model.base = 4
+    config.model.depth = 2
+
+
+def use_cpu_sizes(config: ml_collections.ConfigDict) -> None:
+    """What 2 CPU cores train in tens of minutes: 20 synthetic subjects at 96x96x64 (~2.4 mm voxels),
+    64^3 patches, U-Net base 8, depth 3. Shared by ``configs/cmft.py:cpu`` and ``configs/cmff.py:cpu``.
+    """
+    config.data.synthetic.n = 20
+    config.data.synthetic.shape = (96, 96, 64)
+    config.data.patch_size = (64, 64, 64)
+    config.model.base = 8
+    config.model.depth = 3

@@ -29,12 +29,15 @@ def graft_params(source: Mapping, target: Mapping, skip: tuple[str, ...] = ("hea
     flat_source = traverse_util.flatten_dict(dict(source), sep="/")
     flat_target = traverse_util.flatten_dict(dict(target), sep="/")
     merged, copied = {}, []
+    wanted = [p for p in flat_target if p.split("/")[0] not in skip]
+    missing = [p for p in wanted if p not in flat_source]
+    if missing:  # before shapes: a missing level says "another depth" more plainly than a shape does
+        raise CMFLError(where, f"checkpoint has no parameter {missing[0]} ({len(missing)} missing; a network of "
+                               "another depth or architecture?)")
     for path, leaf in flat_target.items():
         if path.split("/")[0] in skip:
             merged[path] = leaf
             continue
-        if path not in flat_source:
-            raise CMFLError(where, f"checkpoint has no parameter {path} (a generator of another architecture?)")
         src = flat_source[path]
         if tuple(np.shape(src)) != tuple(np.shape(leaf)):
             raise CMFLError(where, f"parameter {path} has shape {tuple(np.shape(src))} in the checkpoint but "

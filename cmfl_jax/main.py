@@ -25,6 +25,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 JOBS = {
     "prepare": "cmfl_jax.prepare",
     "cmft": "cmfl_jax.train_cmft",
+    "cmff": "cmfl_jax.train_cmff",
 }
 
 
@@ -45,6 +46,17 @@ def _enable_compilation_cache() -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
+def _write_config(config, workdir: str) -> None:
+    """``<workdir>/config.json``: what this run was asked to do (CMFF checks its CMFT run's against its own)."""
+    import os
+
+    from cmfl_jax.data.io import atomic_path
+
+    os.makedirs(workdir, exist_ok=True)
+    with atomic_path(os.path.join(workdir, "config.json")) as tmp, open(tmp, "w") as f:
+        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+
 def _run(argv: list[str]) -> None:
     del argv
     config = FLAGS.config
@@ -57,6 +69,7 @@ def _run(argv: list[str]) -> None:
     handler.addFilter(_quiet_libraries)
     logging.set_verbosity(logging.INFO)
     _enable_compilation_cache()
+    _write_config(config, FLAGS.workdir)
     importlib.import_module(JOBS[job]).run(config, FLAGS.workdir)
 
 

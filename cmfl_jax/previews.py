@@ -70,3 +70,32 @@ def save_translation_png(path: str, a: np.ndarray, b: np.ndarray, outputs: dict,
         fig.suptitle(title, fontsize=9)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     save_figure(plt, fig, path)
+
+
+def tumour_slice(label: np.ndarray | None, depth: int) -> int:
+    """Index of the axial slice (last spatial axis) with the most tumour voxels; the middle one if none."""
+    if label is None or not np.any(label):
+        return depth // 2
+    return int(np.argmax(np.count_nonzero(label, axis=(0, 1))))
+
+
+def save_segmentation_png(path: str, image: np.ndarray, label: np.ndarray | None, pred: np.ndarray,
+                          title: str = "") -> None:
+    """Axial slice through the tumour: FLAIR and T1c, then the label and the prediction over FLAIR.
+
+    ``image`` is ``(D, H, W, 4)`` in the order t1, t1ce, t2, flair; ``label``/``pred`` are 0/1/2/4 maps.
+    """
+    z = tumour_slice(label if label is not None else pred, image.shape[2])
+    flair, t1ce = image[:, :, z, 3], image[:, :, z, 1]
+    panels = [("FLAIR", overlay(flair, None)), ("T1c", overlay(t1ce, None))]
+    if label is not None:
+        panels.append(("label", overlay(flair, label[:, :, z])))
+    panels.append(("prediction", overlay(flair, pred[:, :, z])))
+    plt, fig, axes = new_figure(1, len(panels), size=2.6)
+    for ax, (name, rgb) in zip(axes[0], panels, strict=True):
+        ax.imshow(rgb)
+        ax.set_title(name, fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    save_figure(plt, fig, path)

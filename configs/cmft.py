@@ -1,13 +1,14 @@
 """Phase 1, CMFT: the CycleGAN between the modality pairs (section 3.1).
 
   python -m cmfl_jax.main --config=configs/cmft.py --workdir=runs/cmft [--config.data.root=/data/BraTS2018]
-Variants: ``configs/cmft.py:smoke`` (seconds, 32^3, base 4, depth 2), ``:cpu64`` (~15 min on 2 CPU cores),
+Variants: ``configs/cmft.py:smoke`` (seconds, 32^3, base 4, depth 2), ``:cpu`` (the CPU demonstration that
+``configs/cmff.py:cpu`` starts from), ``:cpu64`` (the paper's U-Net at 64^3, ~15 min on 2 CPU cores),
 ``--config.cmft.objective=self`` (Ours_self), ``--config.data.pairing=t1-flair/t2-t1ce``.
 """
 
 import ml_collections
 
-from cmfl_jax.config_defaults import data_config, model_config, train_config
+from cmfl_jax.config_defaults import data_config, model_config, train_config, use_cpu_sizes, use_smoke_sizes
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -30,11 +31,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         }
     )
     if arg == "smoke":
-        config.data.synthetic.n = 4
-        config.data.synthetic.shape = (48, 48, 48)
-        config.data.patch_size = (32, 32, 32)
-        config.model.base = 4
-        config.model.depth = 2
+        use_smoke_sizes(config)
         config.train.steps = 6
         config.train.log_every = 1
         config.train.save_every = 3
@@ -46,6 +43,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.train.log_every = 5
         config.train.save_every = 20
         config.train.preview_every = 40
+    elif arg == "cpu":
+        # The CPU demonstration pair with configs/cmff.py:cpu (same data and U-Net): ~10 min on 2 cores.
+        use_cpu_sizes(config)
+        config.train.steps = 300
+        config.train.log_every = 10
+        config.train.save_every = 100
+        config.train.preview_every = 100
     elif arg:
-        raise ValueError(f"unknown variant {arg!r} of configs/cmft.py (known: smoke, cpu64)")
+        raise ValueError(f"unknown variant {arg!r} of configs/cmft.py (known: smoke, cpu, cpu64)")
     return config

@@ -94,3 +94,28 @@ def test_cmft_smoke_config_end_to_end(tmp_path):
     assert again.returncode == 0, again.stderr[-2000:]
     assert "resumed from step 6" in again.stdout
     assert [json.loads(x)["step"] for x in open(tmp_path / "w" / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6, 7]
+    # Phase 2 from that CMFT run: generators grafted, validation, best/latest/final checkpoints.
+    seg = tmp_path / "seg"
+    cmff = run_cli("--config=configs/cmff.py:smoke", f"--workdir={seg}", "--config.init.mode=cmft",
+                   f"--config.init.cmft_workdir={tmp_path / 'w'}", cache=tmp_path / "cache", timeout=600)
+    assert cmff.returncode == 0, cmff.stderr[-2000:]
+    assert "init: S_A <- g_ab" in cmff.stdout and "from step 7" not in cmff.stdout
+    assert "cmft/checkpoints/7" in cmff.stdout.replace(str(tmp_path / "w"), "cmft")
+    records = [json.loads(x) for x in open(seg / "metrics.jsonl")]
+    assert [r["step"] for r in records if "val/dice_WT" in r] == [3, 6]
+    assert all(0.0 <= r["val/dice_WT"] <= 1.0 for r in records if "val/dice_WT" in r)
+    assert sorted(os.listdir(seg / "checkpoints")) == ["3", "6"] and os.listdir(seg / "final") == ["6"]
+    assert len(os.listdir(seg / "best")) == 1
+    assert sorted(os.listdir(seg / "previews")) == ["cmff_val_0000003.png", "cmff_val_0000006.png"]
+    assert json.loads((seg / "config.json").read_text())["init"]["cmft_workdir"] == str(tmp_path / "w")
+
+
+def test_cmff_without_a_cmft_checkpoint_is_one_clear_line(tmp_path):
+    (tmp_path / "cmft").mkdir()
+    r = run_cli("--config=configs/cmff.py:smoke", f"--workdir={tmp_path / 'w'}", "--config.init.mode=cmft",
+                f"--config.init.cmft_workdir={tmp_path / 'cmft'}", cache=tmp_path / "cache")
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        f"cmfl_jax: error: {tmp_path / 'cmft' / 'checkpoints'}: no CMFT checkpoint here; train CMFT into this "
+        "workdir first (configs/cmft.py)"]
+    assert not (tmp_path / "w" / "checkpoints").exists()

@@ -1,0 +1,59 @@
+"""Phase 2, CMFF: segmentation with S_A, S_B initialised from the CMFT generators and the fusion branch S_F.
+
+  python -m cmfl_jax.main --config=configs/cmff.py --workdir=runs/cmff --config.init.cmft_workdir=runs/cmft
+Variants: ``configs/cmff.py:smoke`` (seconds, 32^3, base 4, depth 2; random init unless a CMFT smoke workdir
+is given), ``:cpu`` (starts from ``configs/cmft.py:cpu``; ~30 min on 2 CPU cores).
+Ablations are config values: ``--config.model.branches=A|B|A+B|fusion`` and ``--config.model.attention=
+mask|cbam|none`` (Table 2), ``--config.init.mode=cmft|random|self`` and ``--config.data.pairing`` (Table 4).
+"""
+
+import ml_collections
+
+from cmfl_jax.config_defaults import data_config, model_config, train_config, use_cpu_sizes, use_smoke_sizes
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.job = "cmff"
+    config.seed = 0
+    config.data = data_config()
+    config.model = model_config()
+    config.model.branches = "fusion"  # "fusion" (Ours) | "A" | "B" | "A+B" (Table 2)
+    config.model.attention = "mask"  # "mask" (mask-guided, Ours) | "cbam" (w CA) | "none" (w/o MG)
+    config.train = train_config(steps=20000)
+    config.init = ml_collections.ConfigDict(
+        {
+            "mode": "cmft",  # "cmft" (G_AB -> S_A, G_BA -> S_B) | "self" (G_AA, G_BB) | "random" (Table 4)
+            "cmft_workdir": "",  # workdir of the CMFT run (configs/cmft.py) to take the generators from
+            "cmft_step": -1,  # its checkpoint step; -1: the latest
+        }
+    )
+    config.cmff = ml_collections.ConfigDict({"lr": 1e-4, "b1": 0.9, "b2": 0.999, "decay_start": -1})
+    config.val = ml_collections.ConfigDict(
+        {
+            "folds": 5,  # subjects split into k folds by seed; one is held out (<= 1: no validation)
+            "fold": 0,
+            "seed": 0,
+            "every": 500,  # validate every N steps (and at the last step)
+            "max_subjects": 0,  # validate on the first N held-out subjects (0: all)
+            "overlap": 0.5,  # sliding-window overlap; the window is data.patch_size
+            "batch_size": 1,  # windows per network call
+            "mirror": False,  # test-time mirroring (8 flips): 8x the time
+        }
+    )
+    if arg == "smoke":
+        use_smoke_sizes(config)
+        config.init.mode = "random"  # no CMFT run needed; set mode=cmft and cmft_workdir to start from one
+        config.val.folds = 4
+        config.train.steps = 6
+        config.train.log_every = 1
+        config.train.save_every = 3
+        config.val.every = 3
+    elif arg == "cpu":
+        use_cpu_sizes(config)
+        config.train.steps = 600
+        config.train.save_every = 50
+        config.val.every = 50
+    elif arg:
+        raise ValueError(f"unknown variant {arg!r} of configs/cmff.py (known: smoke, cpu)")
+    return config
