@@ -1,11 +1,19 @@
 """The one 3D convolution helper every module uses, with an exact fast path for CPU.
 
-XLA's CPU 3D convolution is slow. ``conv_impl="cpu_fast"`` computes the same numbers another way:
-a stride-1 k^3 convolution as the sum over kernel depth of 2D convolutions of depth slices,
-a 1^3 convolution as a matrix product, and the 2^3 stride-2 transposed convolution as a 1^3
-convolution to 8*C channels followed by depth-to-space. ``"native"`` is XLA's own op (right on GPU
-and TPU); ``"auto"`` picks ``cpu_fast`` on CPU and ``native`` elsewhere. Both implementations declare
-the same params (``kernel`` ``(k, k, k, C_in, C_out)``, ``bias``), so checkpoints are interchangeable.
+XLA's CPU 3D convolution is slow (its gradient most of all). ``conv_impl="cpu_fast"`` computes the same
+numbers another way:
+
+* a stride-1 k^3 convolution (odd or even k) as the sum over kernel depth of 2D convolutions of depth slices;
+* a 1^3 convolution as a matrix product;
+* a strided convolution (stride s, kernel k, padding p; the PatchGAN's 4^3 stride 2) by space-to-depth:
+  pad, fold every s^3 block into channels, fold the kernel (zero-padded to a multiple of s) the same way,
+  and run a stride-1 VALID conv with the ceil(k/s)^3 kernel, as one matrix product to ceil(k/s)^3 * F
+  channels plus a sum of shifted slices (or, for few folded channels, as the 2D-slice sum above);
+* the 2^3 stride-2 transposed convolution as a 1^3 convolution to 8*C channels followed by depth-to-space.
+
+``"native"`` is XLA's own op (right on GPU and TPU); ``"auto"`` picks ``cpu_fast`` on CPU and ``native``
+elsewhere. Both implementations declare the same params (``kernel`` ``(k, k, k, C_in, C_out)``, ``bias``),
+so checkpoints are interchangeable. ``experiments/conv_microbench.py`` times them.
 """
 
 from __future__ import annotations
@@ -54,6 +62,65 @@ def _conv_3d_as_2d(x, kernel, pad):
     return out.reshape(n, d_out, *out.shape[1:])
 
 
+# After space-to-depth, the stride-1 conv is a matrix product (`_conv_valid_as_matmul`) when the folded input
+# has at least this many channels and voxels (matrix columns and rows), else the 2D-slice sum
+# (`_conv_3d_as_2d`), which measured faster for a skinny or small product (experiments/conv_microbench.py).
+MATMUL_MIN_CHANNELS = 32
+MATMUL_MIN_VOXELS = 4096
+
+
+def _conv_valid_as_matmul(x, kernel):
+    """Stride-1 VALID 3D conv as one matrix product to ``k^3 * F`` channels plus a sum of ``k^3`` shifted slices.
+
+    ``out[v] = sum_t x[v + t] K[t] = sum_t (x @ K[t])[v + t]``: the product ``x (M, C) @ [K[t]]_t (C, k^3 F)``
+    runs at matrix-multiply speed, and its transpose (the gradient) is two more plain matrix products.
+    """
+    k, c, f = kernel.shape[0], kernel.shape[3], kernel.shape[4]
+    n, d, h, w, _ = x.shape
+    o = (d - k + 1, h - k + 1, w - k + 1)
+    y = (x.reshape(-1, c) @ kernel.transpose(3, 0, 1, 2, 4).reshape(c, k**3 * f)).reshape(n, d, h, w, k**3, f)
+    shifts = [(a, b, e) for a in range(k) for b in range(k) for e in range(k)]
+    slices = [y[:, a : a + o[0], b : b + o[1], e : e + o[2], t] for t, (a, b, e) in enumerate(shifts)]
+    out = slices[0]
+    for part in slices[1:]:
+        out = out + part
+    return out
+
+
+def _space_to_depth(x, kernel, stride, pad):
+    """Input and kernel of :func:`_space_to_depth_conv`'s stride-1 VALID conv (see there)."""
+    s, k = stride, kernel.shape[0]
+    kq = -(-k // s)
+    n, c, f = x.shape[0], x.shape[-1], kernel.shape[-1]
+    lengths = [s * ((size + 2 * pad - k) // s + kq) for size in x.shape[1:4]]  # s * (out + kq - 1)
+    # Zero-pad by `pad` on the left and enough on the right, then cut every axis to the length above.
+    x = jnp.pad(x, [(0, 0)] + [(pad, max(pad, ln - pad - size)) for ln, size in zip(lengths, x.shape[1:4],
+                                                                                       strict=True)] + [(0, 0)])
+    x = x[:, : lengths[0], : lengths[1], : lengths[2]]
+    dq, hq, wq = (ln // s for ln in lengths)
+    x = x.reshape(n, dq, s, hq, s, wq, s, c).transpose(0, 1, 3, 5, 2, 4, 6, 7).reshape(n, dq, hq, wq, s**3 * c)
+    kernel = jnp.pad(kernel, [(0, kq * s - k)] * 3 + [(0, 0), (0, 0)])
+    kernel = kernel.reshape(kq, s, kq, s, kq, s, c, f).transpose(0, 2, 4, 1, 3, 5, 6, 7)
+    return x, kernel.reshape(kq, kq, kq, s**3 * c, f)
+
+
+def _space_to_depth_conv(x, kernel, stride, pad):
+    """Strided 3D conv as space-to-depth + a stride-1 VALID conv (exact, same numbers as the native op).
+
+    With ``a = stride*q + r`` a window offset, ``out[i] = sum_{q, r} xp[stride*(i + q) + r] K[stride*q + r]``:
+    so fold each ``stride^3`` block of the padded input into channels (``(r_d, r_h, r_w, c)`` order),
+    zero-pad the kernel edge up to ``kq*stride`` with ``kq = ceil(k/stride)`` and fold it the same way,
+    and correlate with the resulting ``kq^3`` kernel at stride 1 (via :func:`_conv_valid_as_matmul`, or
+    :func:`_conv_3d_as_2d` when the folded input is small: ``MATMUL_MIN_CHANNELS``, ``MATMUL_MIN_VOXELS``).
+    The padded input is cut or zero-extended to ``stride*(out + kq - 1)`` per axis, which gives exactly the
+    native output size ``floor((D + 2*pad - k)/stride) + 1`` (trailing voxels no window reaches are dropped).
+    """
+    x, kernel = _space_to_depth(x, kernel, stride, pad)
+    if x.shape[-1] >= MATMUL_MIN_CHANNELS and x.size // x.shape[-1] >= MATMUL_MIN_VOXELS:
+        return _conv_valid_as_matmul(x, kernel)
+    return _conv_3d_as_2d(x, kernel, 0)
+
+
 class Conv3D(nn.Module):
     """A 3D convolution with symmetric zero padding.
 
@@ -62,7 +129,7 @@ class Conv3D(nn.Module):
       kernel_size: cubic kernel edge.
       strides: cubic stride.
       padding: voxels of zero padding on every side.
-      conv_impl: "native" | "cpu_fast" | "auto" (strided convs always use the native op).
+      conv_impl: "native" | "cpu_fast" | "auto".
       dtype: compute dtype; param_dtype: storage dtype of kernel and bias.
     """
 
@@ -81,8 +148,11 @@ class Conv3D(nn.Module):
                             self.param_dtype)
         bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
         x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
-        if resolve_conv_impl(self.conv_impl) == "cpu_fast" and self.strides == 1:
-            y = _conv_3d_as_2d(x, kernel, self.padding)
+        if resolve_conv_impl(self.conv_impl) == "cpu_fast":
+            if self.strides == 1:
+                y = _conv_3d_as_2d(x, kernel, self.padding)
+            else:
+                y = _space_to_depth_conv(x, kernel, self.strides, self.padding)
         else:
             y = _conv_native(x, kernel, self.strides, self.padding)
         return y + bias
