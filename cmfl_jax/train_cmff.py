@@ -35,7 +35,7 @@ from cmfl_jax.errors import CMFLError
 from cmfl_jax.graft import graft_params
 from cmfl_jax.inference import cmff_predict_fn, restrict_to_brain, sliding_window
 from cmfl_jax.metrics import REGIONS, brats_metrics
-from cmfl_jax.models import CMFFNet, UNet3D
+from cmfl_jax.models import CMFFNet, UNet3D, init_params
 from cmfl_jax.previews import save_segmentation_png
 from cmfl_jax.progress import progress
 from cmfl_jax.training import DTYPES, Phase, fit, make_optimizer
@@ -52,11 +52,11 @@ def build_model(config: ml_collections.ConfigDict) -> CMFFNet:
                    conv_impl=m.conv_impl, dtype=DTYPES[m.dtype])
 
 
-def init_params(rng: jax.Array, model: CMFFNet) -> dict:
-    """Random params from the smallest input the U-Net takes (conv params do not depend on the size)."""
+def random_params(rng: jax.Array, model: CMFFNet) -> dict:
+    """Random params without compiling the network (conv params do not depend on the input size)."""
     size = 2**model.depth
-    x = jnp.zeros((1, size, size, size, 2), jnp.float32)
-    return jax.jit(model.init)(rng, x, x)["params"]
+    x = jax.ShapeDtypeStruct((1, size, size, size, 2), jnp.float32)
+    return init_params(model, rng, x, x)
 
 
 def _check_cmft_config(cmft_workdir: str, config: ml_collections.ConfigDict) -> None:
@@ -129,7 +129,7 @@ def initial_params(rng: jax.Array, model: CMFFNet, config: ml_collections.Config
     mode = config.init.mode
     if mode not in INIT_SOURCES:
         raise CMFLError("config.init.mode", f"unknown value {mode!r}; choose one of {', '.join(INIT_SOURCES)}")
-    params = dict(init_params(rng, model))
+    params = dict(random_params(rng, model))
     if INIT_SOURCES[mode] is None:
         return params
     source_a, source_b, where = load_generators(config)
@@ -146,7 +146,7 @@ def create_state(rng: jax.Array, config: ml_collections.ConfigDict, resuming: bo
     model = build_model(config)
     c = config.cmff
     tx = make_optimizer(c.lr, c.b1, c.b2, config.train.steps, c.decay_start)
-    params = init_params(rng, model) if resuming else initial_params(rng, model, config)
+    params = random_params(rng, model) if resuming else initial_params(rng, model, config)
     return train_state.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
 
 

@@ -24,6 +24,7 @@ from absl import logging
 from flax.training import train_state
 
 from cmfl_jax import checkpoints
+from cmfl_jax.models.init import init_params
 from cmfl_jax.run_log import RunLog
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -42,8 +43,8 @@ def make_optimizer(lr: float, b1: float, b2: float, total_steps: int, decay_star
 
 def create_train_state(rng: jax.Array, module: nn.Module, input_shape: tuple[int, ...],
                        tx: optax.GradientTransformation) -> train_state.TrainState:
-    """Init ``module`` on a zero input of ``input_shape`` (keep it small: conv params ignore spatial size)."""
-    params = jax.jit(module.init)(rng, jnp.zeros(input_shape, jnp.float32))["params"]
+    """Init ``module`` for inputs of ``input_shape`` without compiling it (:func:`cmfl_jax.models.init_params`)."""
+    params = init_params(module, rng, jax.ShapeDtypeStruct(input_shape, jnp.float32))
     return train_state.TrainState.create(apply_fn=module.apply, params=params, tx=tx)
 
 

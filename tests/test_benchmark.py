@@ -1,0 +1,70 @@
+"""The benchmark measures what it says, and its PyTorch twin computes the same function as UNet3D."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cmfl_jax.models import UNet3D
+from experiments import benchmark
+
+TINY = dict(size=16, base=4, depth=2, repeats=2, warmup=1, seed=0)
+
+
+def test_jax_case_record():
+    record = benchmark.run_case(dict(kind="jax_unet", impl="cpu_fast", dtype="float32", **TINY))
+    assert record["status"] == "ok", record.get("error")
+    for part in ("train", "forward"):
+        assert len(record[part]["times_s"]) == 2
+        assert 0 < record[part]["min_s"] <= record[part]["median_s"]
+        assert record[part]["first_s"] > 0
+    assert record["compile_train_s"] > 0 and record["compile_forward_s"] > 0
+    assert record["peak_rss_mib"] >= record["baseline_rss_mib"] > 0
+    assert record["num_params"] == 21640  # UNet3D(4, base=4, depth=2)
+    assert np.isfinite(record["loss_first"]) and 0 < record["loss_first"] < 1
+    assert {"size", "impl", "dtype", "repeats_run", "xla_train_memory"} <= set(record)
+
+
+def test_failed_case_is_recorded_not_raised():
+    record = benchmark.run_case_subprocess(dict(kind="no_such_kind", impl="-", dtype="-", **TINY), timeout=60)
+    assert record["status"] == "failed" and "no_such_kind" in record["error"]
+
+
+def _ok(kind, impl, train, forward, size=16):
+    return dict(kind=kind, impl=impl, dtype="float32", status="ok", compile_train_s=None, compile_forward_s=None,
+                train={"median_s": train}, forward={"median_s": forward}, peak_rss_mib=10.0, baseline_rss_mib=5.0,
+                memory_format=impl.split("/")[-1], **{**TINY, "size": size})
+
+
+def test_table_ratios_against_faster_torch_format():
+    records = [_ok("torch_unet", "eager/contiguous", 2.0, 1.0), _ok("torch_unet", "eager/channels_last_3d", 1.0, 4.0),
+               {**_ok("jax_unet", "cpu_fast", 0.5, 2.0), "compile_train_s": 3.0, "compile_forward_s": 1.0},
+               dict(kind="jax_unet", impl="native", dtype="float32", status="failed", error="MemoryError: x", **TINY)]
+    assert benchmark.torch_references(records)[(16, 4, 2)] is records[1]
+    rows = benchmark.unet_table(records).splitlines()
+    assert "| 0.50 | 0.50 |" in rows[4]  # train 0.5 / 1.0, forward 2.0 / 4.0
+    assert "PyTorch reference" in rows[3] and "| 2.00 | 0.25 |" in rows[2]
+    assert "FAILED: MemoryError: x" in rows[5]
+
+
+def test_torch_twin_matches_unet3d():
+    torch = pytest.importorskip("torch")
+    from cmfl_jax.losses import soft_dice_loss as jax_soft_dice_loss
+    from experiments.torch_unet import TorchUNet3D, load_flax_params, num_params, soft_dice_loss
+
+    model = UNet3D(4, base=4, depth=2, conv_impl="native")
+    params = benchmark.random_unet_params(model, seed=1, noise=0.1)  # no 0/1 biases and scales: each copy counts
+    twin = TorchUNet3D(2, 4, base=4, depth=2)
+    assert num_params(twin) == sum(v.size for v in jax.tree.leaves(params))
+    load_flax_params(twin, params)
+    x, y = benchmark.unet_inputs(16, seed=3)
+    expected = np.asarray(jax.jit(model.apply)({"params": params}, jnp.asarray(x))[0])
+    with torch.inference_mode():
+        got = twin(torch.from_numpy(x.transpose(0, 4, 1, 2, 3).copy())).numpy().transpose(0, 2, 3, 4, 1)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+    probs = jax.nn.softmax(jnp.asarray(expected), axis=-1)
+    torch_loss = soft_dice_loss(torch.from_numpy(np.asarray(probs).transpose(0, 4, 1, 2, 3).copy()),
+                                torch.from_numpy(y.transpose(0, 4, 1, 2, 3).copy()))
+    np.testing.assert_allclose(float(torch_loss), float(jax_soft_dice_loss(probs, jnp.asarray(y))), rtol=1e-6)
