@@ -6,8 +6,11 @@ self-reconstruction generators G_AA and G_BB ("Ours_self"), or at random ("Ours_
 always starts at random. The loss is the V-Net soft Dice (Eq. 8) summed over the branches that
 run (Eq. 7). The Dice runs over the network's 4 mutually exclusive classes (background, NCR/NET,
 oedema, ET), the classes its softmax predicts; the BraTS regions are nested unions of them and
-would need one sigmoid per region instead. Validation predicts whole held-out volumes by sliding
-windows and scores them with the BraTS metrics; the best one (mean Dice over ET, WT, TC) is kept.
+would need one sigmoid per region instead. ``config.cmff.ce_weight`` > 0 adds a cross-entropy term per
+branch (nnU-Net's Dice + CE; not in the paper): a soft Dice gradient vanishes for a class predicted on
+far too many voxels, and CE removes that failure mode in short runs. Validation predicts whole held-out
+volumes by sliding windows and scores them with the BraTS metrics; the best one (mean Dice over ET, WT,
+TC) is kept.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from absl import logging
 from flax import traverse_util
 from flax.training import train_state
@@ -150,14 +154,21 @@ def create_state(rng: jax.Array, config: ml_collections.ConfigDict, resuming: bo
     return train_state.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
 
 
-def segmentation_loss(outputs: dict, target_onehot: jax.Array) -> tuple[jax.Array, dict]:
-    """Eq. 7: the sum of the soft Dice losses (Eq. 8) of the branches that ran."""
-    terms = {f"dice_loss_{k}": losses.soft_dice_loss(jax.nn.softmax(outputs[f"logits_{k}"]), target_onehot)
-             for k in ("a", "b", "f") if outputs[f"logits_{k}"] is not None}
+def segmentation_loss(outputs: dict, target_onehot: jax.Array, ce_weight: float = 0.0) -> tuple[jax.Array, dict]:
+    """Eq. 7: the sum over the branches that ran of the soft Dice loss (Eq. 8) [+ ``ce_weight`` x cross-entropy]."""
+    terms = {}
+    for k in ("a", "b", "f"):
+        logits = outputs[f"logits_{k}"]
+        if logits is None:
+            continue
+        terms[f"dice_loss_{k}"] = losses.soft_dice_loss(jax.nn.softmax(logits), target_onehot)
+        if ce_weight:
+            terms[f"ce_{k}"] = ce_weight * jnp.mean(optax.softmax_cross_entropy(logits, target_onehot))
     return sum(terms.values()), terms
 
 
-def train_step(states: dict, batch: dict, rng: jax.Array, *, pairing: str) -> tuple[dict, dict]:
+def train_step(states: dict, batch: dict, rng: jax.Array, *, pairing: str, ce_weight: float = 0.0
+               ) -> tuple[dict, dict]:
     """One CMFF step on a batch of (image, label) patches."""
     del rng  # deterministic; the argument keeps the signature of every phase
     state = states["seg"]
@@ -165,14 +176,15 @@ def train_step(states: dict, batch: dict, rng: jax.Array, *, pairing: str) -> tu
     target = jax.nn.one_hot(labels_to_classes(batch["label"]), NUM_CLASSES)
 
     def loss_fn(params):
-        return segmentation_loss(state.apply_fn({"params": params}, a, b), target)
+        return segmentation_loss(state.apply_fn({"params": params}, a, b), target, ce_weight)
 
     (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     return {"seg": state.apply_gradients(grads=grads)}, {"loss": loss, **terms}
 
 
 def make_train_step(config: ml_collections.ConfigDict):
-    return jax.jit(functools.partial(train_step, pairing=config.data.pairing), donate_argnums=(0,))
+    step = functools.partial(train_step, pairing=config.data.pairing, ce_weight=config.cmff.ce_weight)
+    return jax.jit(step, donate_argnums=(0,))
 
 
 def summarise(per_subject: list[dict]) -> dict[str, float]:

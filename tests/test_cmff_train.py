@@ -201,3 +201,23 @@ def test_three_steps_resume_three_steps_equals_six(tmp_path, data_root, cmft_run
         max(scores.values()))
     assert checkpoints.latest_step(str(tmp_path / "resumed"), "final") == 6
     assert sorted(os.listdir(tmp_path / "resumed" / "previews")) == ["cmff_val_0000003.png", "cmff_val_0000006.png"]
+
+
+def test_segmentation_loss_sums_branch_dice_and_optional_cross_entropy():
+    from cmfl_jax.losses import soft_dice_loss
+    from cmfl_jax.train_cmff import segmentation_loss
+
+    rng = np.random.default_rng(0)
+    target = np.eye(4, dtype=np.float32)[rng.integers(0, 4, (1, 4, 4, 4))]
+    la, lf = (rng.normal(size=(1, 4, 4, 4, 4)).astype(np.float32) for _ in range(2))
+    outputs = {"logits_a": la, "logits_b": None, "logits_f": lf}
+    total, terms = segmentation_loss(outputs, target)
+    assert set(terms) == {"dice_loss_a", "dice_loss_f"}
+    want = float(soft_dice_loss(jax.nn.softmax(la), target) + soft_dice_loss(jax.nn.softmax(lf), target))
+    assert float(total) == pytest.approx(want, rel=1e-6)
+    total_ce, terms_ce = segmentation_loss(outputs, target, ce_weight=0.5)
+    ce_a = -np.mean(np.sum(target * np.asarray(jax.nn.log_softmax(la)), axis=-1))
+    assert float(terms_ce["ce_a"]) == pytest.approx(0.5 * ce_a, rel=1e-5)
+    assert float(total_ce) == pytest.approx(want + float(terms_ce["ce_a"] + terms_ce["ce_f"]), rel=1e-6)
+    perfect = {"logits_a": 50.0 * (2 * target - 1), "logits_b": None, "logits_f": None}
+    assert float(segmentation_loss(perfect, target, ce_weight=1.0)[0]) < 1e-5
