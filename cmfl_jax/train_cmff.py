@@ -212,7 +212,7 @@ class Validator:
         return bool(self.entries) and (step % self.config.val.every == 0 or step == self.config.train.steps)
 
     def evaluate(self, params: dict, step: int | None = None) -> tuple[dict[str, float], list]:
-        """Metrics averaged over the validation subjects; also returns (subject, image, label, pred) of the first."""
+        """Metrics averaged over the validation subjects; also (subject, image, label, pred, WT Dice) of the first."""
         v, window = self.config.val, tuple(self.config.data.patch_size)
         predict = functools.partial(self.predict, params)
         per_subject, first = [], None
@@ -223,13 +223,14 @@ class Validator:
             label = np.asarray(entry.label())
             per_subject.append(brats_metrics(pred, label, entry.meta["spacing"]))
             if first is None:
-                first = (entry.subject_id, image, label, pred)
+                first = (entry.subject_id, image, label, pred, per_subject[0]["WT"]["dice"])
         return summarise(per_subject), first
 
     def __call__(self, step: int, states: dict) -> dict[str, float]:
-        metrics, (subject, image, label, pred) = self.evaluate(states["seg"].params, step)
+        metrics, (subject, image, label, pred, dice_wt) = self.evaluate(states["seg"].params, step)
         save_segmentation_png(os.path.join(self.workdir, "previews", f"cmff_val_{step:07d}.png"), image, label, pred,
-                              title=f"CMFF step {step}, {subject}: WT Dice {metrics['dice_WT']:.3f}")
+                              title=f"CMFF step {step}, {subject}: WT Dice {dice_wt:.3f} (mean over "
+                                    f"{len(self.entries)} validation subjects {metrics['dice_WT']:.3f})")
         if metrics["dice_mean"] > self.best:
             self.best = metrics["dice_mean"]
             checkpoints.save(self.best_manager, step, states, {"step": step, "val": metrics}, force=True)
