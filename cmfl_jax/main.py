@@ -26,6 +26,7 @@ JOBS = {
     "prepare": "cmfl_jax.prepare",
     "cmft": "cmfl_jax.train_cmft",
     "cmff": "cmfl_jax.train_cmff",
+    "predict": "cmfl_jax.predict",
 }
 
 

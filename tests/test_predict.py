@@ -1,0 +1,95 @@
+"""Prediction job: a CMFF workdir -> one NIfTI per subject, in the input's geometry and label convention."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import nibabel as nib
+import numpy as np
+import pytest
+
+from cmfl_jax.classes import classes_to_labels
+from cmfl_jax.data.io import load_subject
+from cmfl_jax.data.layouts import discover
+from cmfl_jax.data.preprocess import preprocess_images
+from cmfl_jax.errors import CMFLError
+from cmfl_jax.inference import restrict_to_brain, sliding_window
+from cmfl_jax.predict import load_workdir, run
+from cmfl_jax.train_cmff import train_and_evaluate
+from configs import predict as predict_config
+
+from .conftest import write_tiny_dataset
+from .test_cli import run_cli
+from .test_cmff_train import tiny_cmff_config
+
+
+@pytest.fixture(scope="module")
+def cmff_workdir(tmp_path_factory):
+    """A CMFF run of 2 steps on tiny data, as configs/cmff.py leaves it (config.json written by main)."""
+    root = tmp_path_factory.mktemp("predict_train_data")
+    write_tiny_dataset(root, n=3)
+    workdir = tmp_path_factory.mktemp("cmff_run")
+    config = tiny_cmff_config(root, steps=2, **{"init.mode": "random", "val.every": 2})
+    states = train_and_evaluate(config, str(workdir))
+    (workdir / "config.json").write_text(config.to_json_best_effort())
+    return workdir, jax.device_get(states["seg"].params)
+
+
+def test_load_workdir_restores_the_trained_params(cmff_workdir):
+    workdir, params = cmff_workdir
+    predictor = load_workdir(str(workdir), "final")
+    for a, b in zip(jax.tree.leaves(predictor.params), jax.tree.leaves(params), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert predictor.window == (16, 16, 16) and predictor.source.endswith(os.path.join("final", "2"))
+
+
+@pytest.mark.parametrize("layout, et_label", [("brats2018", 4), ("brats2023", 3)])
+def test_predictions_keep_geometry_and_label_convention(tmp_path, cmff_workdir, layout, et_label):
+    workdir, _ = cmff_workdir
+    write_tiny_dataset(tmp_path / "data", n=2, layout=layout)
+    config = predict_config.get_config()
+    config.model_dir, config.checkpoint = str(workdir), "final"
+    config.data.root = str(tmp_path / "data")
+    config.save_probabilities = True
+    run(config, str(tmp_path / "out"))
+    predictor = load_workdir(str(workdir), "final")
+    for subject in discover(str(tmp_path / "data"), require_labels=False):
+        path = tmp_path / "out" / "predictions" / f"{subject.subject_id}.nii.gz"
+        img, source = nib.load(path), nib.load(subject.images[0])
+        assert img.shape == source.shape and img.get_data_dtype() == np.uint8
+        np.testing.assert_array_equal(img.affine, source.affine)
+        assert img.header.get_zooms() == source.header.get_zooms()
+        written = np.asarray(img.dataobj)
+        assert set(np.unique(written)) <= {0, 1, 2, et_label}
+        # equal to a direct computation with the same params
+        loaded = load_subject(subject, with_label=False)
+        image = np.moveaxis(preprocess_images(loaded.images), 0, -1)
+        probs = sliding_window(lambda x: np.asarray(predictor.model.apply({"params": predictor.params},
+                                                                          x[..., :2], x[..., 2:])["probs"]),
+                               image, (16, 16, 16))
+        want = restrict_to_brain(classes_to_labels(probs.argmax(-1)), image)
+        want = np.where(want == 4, et_label, want)
+        np.testing.assert_array_equal(written, want)
+        saved_probs = np.asarray(nib.load(str(path).replace(".nii.gz", "_probabilities.nii.gz")).dataobj)
+        np.testing.assert_allclose(saved_probs, probs, rtol=1e-5, atol=1e-6)
+    assert not [f for f in os.listdir(tmp_path / "out" / "predictions") if f.startswith(".tmp")]
+
+
+def test_a_workdir_that_is_not_a_cmff_run_is_a_clear_error(tmp_path, cmff_workdir):
+    with pytest.raises(CMFLError, match="does not exist"):
+        load_workdir(str(tmp_path / "nothing"))
+    (tmp_path / "cmft").mkdir()
+    (tmp_path / "cmft" / "config.json").write_text('{"job": "cmft"}')
+    with pytest.raises(CMFLError, match=r"config.json: this is a 'cmft' run, not a CMFF run"):
+        load_workdir(str(tmp_path / "cmft"))
+    workdir, _ = cmff_workdir
+    with pytest.raises(CMFLError, match=r"config\.checkpoint: unknown value 'newest'"):
+        load_workdir(str(workdir), "newest")
+
+
+def test_predict_cli_without_a_model_dir_is_one_line(tmp_path):
+    r = run_cli("--config=configs/predict.py", f"--workdir={tmp_path / 'w'}", cache=tmp_path / "cache")
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        "cmfl_jax: error: config.model_dir: is empty: give the workdir of a CMFF run (configs/cmff.py)"]
