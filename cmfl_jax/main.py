@@ -27,6 +27,7 @@ JOBS = {
     "cmft": "cmfl_jax.train_cmft",
     "cmff": "cmfl_jax.train_cmff",
     "predict": "cmfl_jax.predict",
+    "export": "cmfl_jax.export",
 }
 
 

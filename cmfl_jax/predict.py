@@ -122,8 +122,14 @@ def _label_header(header: nib.Nifti1Header) -> nib.Nifti1Header:
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     if not config.model_dir:
-        raise CMFLError("config.model_dir", "is empty: give the workdir of a CMFF run (configs/cmff.py)")
-    predictor = load_workdir(config.model_dir, config.checkpoint)
+        raise CMFLError("config.model_dir", "is empty: give the workdir of a CMFF run (configs/cmff.py) or a bundle "
+                                            "(configs/export.py)")
+    from cmfl_jax.export import is_bundle, load_bundle  # export builds on this module
+
+    if is_bundle(config.model_dir):
+        predictor = load_bundle(config.model_dir)
+    else:
+        predictor = load_workdir(config.model_dir, config.checkpoint)
     root = resolve_root(config.data)
     subjects: list[Subject] = discover(root, require_labels=False)
     out_dir = config.out_dir or os.path.join(workdir, "predictions")

@@ -15,8 +15,8 @@ from cmfl_jax.config_defaults import data_config
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.job = "predict"
-    config.model_dir = ""  # workdir of a CMFF run (configs/cmff.py)
-    config.checkpoint = "best"  # "best" (highest validation mean Dice) | "final" | "latest"
+    config.model_dir = ""  # workdir of a CMFF run (configs/cmff.py), or a bundle from configs/export.py
+    config.checkpoint = "best"  # of a workdir: "best" (highest validation mean Dice) | "final" | "latest"
     config.data = data_config()
     config.data.require_labels = False
     config.out_dir = ""  # "" -> <workdir>/predictions

@@ -92,4 +92,26 @@ def test_predict_cli_without_a_model_dir_is_one_line(tmp_path):
     r = run_cli("--config=configs/predict.py", f"--workdir={tmp_path / 'w'}", cache=tmp_path / "cache")
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [
-        "cmfl_jax: error: config.model_dir: is empty: give the workdir of a CMFF run (configs/cmff.py)"]
+        "cmfl_jax: error: config.model_dir: is empty: give the workdir of a CMFF run (configs/cmff.py) or a bundle "
+        "(configs/export.py)"]
+
+
+def test_bundle_round_trip_and_stablehlo_equal_the_model(tmp_path, cmff_workdir):
+    from cmfl_jax.export import export_bundle, load_bundle, load_window_function, stablehlo_name
+
+    workdir, _ = cmff_workdir
+    bundle = export_bundle(str(workdir), str(tmp_path / "bundle"), "best")
+    assert sorted(os.listdir(bundle)) == ["bundle.json", "params", stablehlo_name((16, 16, 16))]
+    from_workdir, from_bundle = load_workdir(str(workdir), "best"), load_bundle(bundle)
+    image = np.random.default_rng(0).normal(size=(20, 22, 24, 4)).astype(np.float32)
+    np.testing.assert_array_equal(from_bundle.probabilities(image), from_workdir.probabilities(image))
+    window = image[None, :16, :16, :16]
+    direct = from_workdir.model.apply({"params": from_workdir.params}, window[..., :2], window[..., 2:])["probs"]
+    serialized = load_window_function(os.path.join(bundle, stablehlo_name((16, 16, 16))))
+    np.testing.assert_allclose(np.asarray(serialized(window)), np.asarray(direct), rtol=1e-5, atol=1e-6)
+    # predict takes the bundle as its model_dir
+    write_tiny_dataset(tmp_path / "data", n=1)
+    config = predict_config.get_config()
+    config.model_dir, config.data.root = bundle, str(tmp_path / "data")
+    run(config, str(tmp_path / "out"))
+    assert os.listdir(tmp_path / "out" / "predictions") == ["Brats18_SYN_0000_1.nii.gz"]

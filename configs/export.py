@@ -1,0 +1,18 @@
+"""Export a CMFF run for evaluation: params only, the model config, metrics, and a StableHLO window function.
+
+  python -m cmfl_jax.main --config=configs/export.py --workdir=runs/export --config.model_dir=runs/cmff
+Writes ``<workdir>/bundle`` (or ``config.out_dir``); ``configs/predict.py`` takes it as ``config.model_dir``.
+"""
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.job = "export"
+    config.model_dir = ""  # workdir of a CMFF run (configs/cmff.py)
+    config.checkpoint = "best"  # "best" | "final" | "latest"
+    config.out_dir = ""  # "" -> <workdir>/bundle
+    if arg:
+        raise ValueError(f"unknown variant {arg!r} of configs/export.py (none defined)")
+    return config
