@@ -31,6 +31,7 @@ from cmfl_jax.data.layouts import Subject, discover, to_dataset
 from cmfl_jax.data.preprocess import preprocess_images
 from cmfl_jax.errors import CMFLError
 from cmfl_jax.inference import cmff_predict_fn, restrict_to_brain, sliding_window
+from cmfl_jax.previews import save_orthogonal_png
 from cmfl_jax.progress import progress
 
 # config.checkpoint -> the CMFF workdir's sub-folder.
@@ -144,5 +145,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
         if config.save_probabilities:
             write_nifti(os.path.join(out_dir, f"{subject.subject_id}_probabilities.nii.gz"), probs.astype(np.float32),
                         loaded.affine, header)
+        if config.overlays:
+            image = np.moveaxis(preprocess_images(loaded.images, predictor.normalization), 0, -1)
+            label = load_subject(subject).label if subject.label else None
+            save_orthogonal_png(os.path.join(workdir, "overlays", f"{subject.subject_id}.png"), image, pred, label,
+                                title=subject.subject_id)
         logging.info("predict: %s in %.1f s", subject.subject_id, time.perf_counter() - start)
     logging.info("predict: %d subject(s) written to %s", len(subjects), out_dir)

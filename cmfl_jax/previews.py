@@ -99,3 +99,33 @@ def save_segmentation_png(path: str, image: np.ndarray, label: np.ndarray | None
         fig.suptitle(title, fontsize=9)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     save_figure(plt, fig, path)
+
+
+def tumour_centre(mask: np.ndarray | None, shape: tuple[int, ...]) -> tuple[int, int, int]:
+    """Voxel at the tumour's centre of mass (rounded), or the volume's centre when there is no tumour."""
+    if mask is None or not np.any(mask):
+        return tuple(s // 2 for s in shape[:3])  # type: ignore[return-value]
+    return tuple(int(np.rint(c)) for c in np.argwhere(mask).mean(axis=0))  # type: ignore[return-value]
+
+
+def save_orthogonal_png(path: str, image: np.ndarray, pred: np.ndarray, label: np.ndarray | None = None,
+                        title: str = "") -> None:
+    """Sagittal, coronal and axial FLAIR slices through the tumour centre, prediction (and label) overlaid.
+
+    ``image`` is ``(D, H, W, 4)`` (t1, t1ce, t2, flair); ``pred``/``label`` are 0/1/2/4 maps. Rows are the
+    three planes; columns FLAIR, prediction, and label when given.
+    """
+    centre = tumour_centre(label if label is not None else pred > 0, image.shape)
+    flair = image[..., 3]
+    columns = [("FLAIR", None), ("prediction", pred)] + ([("label", label)] if label is not None else [])
+    plt, fig, axes = new_figure(3, len(columns), size=2.4)
+    for row, axis in enumerate(("sagittal", "coronal", "axial")):
+        index = [slice(None)] * 3
+        index[row] = centre[row]
+        for col, (name, volume) in enumerate(columns):
+            axes[row, col].imshow(overlay(flair[tuple(index)], None if volume is None else volume[tuple(index)]))
+            axes[row, col].set_title(f"{name}, {axis} {centre[row]}", fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    save_figure(plt, fig, path)

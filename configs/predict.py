@@ -24,6 +24,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.batch_size = 1  # windows per network call
     config.mirror = False  # test-time mirroring over the 8 flips (8x the time)
     config.save_probabilities = False  # also write <subject>_probabilities.nii.gz (float32, 4 classes)
+    config.overlays = False  # also write <workdir>/overlays/<subject>.png: 3 planes, prediction (and label) over FLAIR
     if arg:
         raise ValueError(f"unknown variant {arg!r} of configs/predict.py (none defined)")
     return config

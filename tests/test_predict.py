@@ -52,7 +52,10 @@ def test_predictions_keep_geometry_and_label_convention(tmp_path, cmff_workdir, 
     config.model_dir, config.checkpoint = str(workdir), "final"
     config.data.root = str(tmp_path / "data")
     config.save_probabilities = True
+    config.overlays = True
     run(config, str(tmp_path / "out"))
+    overlays = sorted(os.listdir(tmp_path / "out" / "overlays"))
+    assert overlays == sorted(f"{s.subject_id}.png" for s in discover(str(tmp_path / "data"), False))
     predictor = load_workdir(str(workdir), "final")
     for subject in discover(str(tmp_path / "data"), require_labels=False):
         path = tmp_path / "out" / "predictions" / f"{subject.subject_id}.nii.gz"
@@ -115,3 +118,12 @@ def test_bundle_round_trip_and_stablehlo_equal_the_model(tmp_path, cmff_workdir)
     config.model_dir, config.data.root = bundle, str(tmp_path / "data")
     run(config, str(tmp_path / "out"))
     assert os.listdir(tmp_path / "out" / "predictions") == ["Brats18_SYN_0000_1.nii.gz"]
+
+
+def test_tumour_centre_is_the_centre_of_mass():
+    from cmfl_jax.previews import tumour_centre
+
+    mask = np.zeros((10, 12, 14), bool)
+    mask[2:5, 6:9, 10:14] = True
+    assert tumour_centre(mask, mask.shape) == (3, 7, 12)  # 11.5 rounds to the even 12
+    assert tumour_centre(np.zeros_like(mask), mask.shape) == (5, 6, 7)
