@@ -28,6 +28,7 @@ JOBS = {
     "cmff": "cmfl_jax.train_cmff",
     "predict": "cmfl_jax.predict",
     "export": "cmfl_jax.export",
+    "evaluate": "cmfl_jax.evaluate",
 }
 
 
