@@ -252,9 +252,67 @@ def run_torch_unet(case: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+VOLUME_SHAPE = (240, 240, 155)  # a BraTS volume
+VOLUME_WINDOW = 128
+
+
+def volume_input(seed: int) -> np.ndarray:
+    """A fixed random ``(240, 240, 155, 2)`` volume, channels last (timing does not depend on the content)."""
+    return np.random.default_rng(seed).standard_normal((*VOLUME_SHAPE, IN_CHANNELS), dtype=np.float32)
+
+
+def run_jax_volume(case: dict[str, Any]) -> dict[str, Any]:
+    """Full-volume sliding-window inference with ``cmfl_jax.inference`` (128^3 windows, 50 % overlap, Gaussian)."""
+    import jax
+    import jax.numpy as jnp
+
+    from cmfl_jax.inference import mirrored, sliding_window
+    from cmfl_jax.models import UNet3D
+
+    baseline = current_rss_mib()
+    model = UNet3D(NUM_CLASSES, base=case["base"], depth=case["depth"], conv_impl=case["impl"])
+    params = random_unet_params(model, case["seed"])
+
+    def probs(params, x):
+        return jax.nn.softmax(model.apply({"params": params}, x)[0], axis=-1)
+
+    fn = jax.jit((lambda p, x: mirrored(lambda y: probs(p, y))(x)) if case["mirror"] else probs)
+    image = volume_input(case["seed"])
+    window = (VOLUME_WINDOW,) * 3
+    t0 = time.perf_counter()
+    fn.lower(params, jnp.zeros((1, *window, IN_CHANNELS), jnp.float32)).compile()
+    compile_s = time.perf_counter() - t0
+    run = lambda: sliding_window(lambda x: np.asarray(fn(params, x)), image, window, 0.5, 1, "gaussian")
+    return {"baseline_rss_mib": baseline, "compile_s": compile_s, "volume": measure(run, case["repeats"], 1),
+            "peak_rss_mib": peak_rss_mib()}
+
+
+def run_monai_volume(case: dict[str, Any]) -> dict[str, Any]:
+    """MONAI's ``sliding_window_inference`` over the PyTorch twin, same windows, overlap and weighting."""
+    import torch
+    from monai.inferers import sliding_window_inference
+
+    from experiments.torch_unet import TorchUNet3D
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    baseline = current_rss_mib()
+    torch.manual_seed(case["seed"])
+    model = TorchUNet3D(IN_CHANNELS, NUM_CLASSES, case["base"], case["depth"]).eval()
+    x = torch.from_numpy(np.ascontiguousarray(volume_input(case["seed"]).transpose(3, 0, 1, 2)[None]))
+
+    def run():
+        with torch.inference_mode():
+            sliding_window_inference(x, (VOLUME_WINDOW,) * 3, 1, lambda w: torch.softmax(model(w), dim=1),
+                                     overlap=0.5, mode="gaussian")
+
+    return {"baseline_rss_mib": baseline, "compile_s": None, "volume": measure(run, case["repeats"], 1),
+            "peak_rss_mib": peak_rss_mib()}
+
+
 Runner = Callable[[dict[str, Any]], dict[str, Any]]
-RUNNERS: dict[str, Runner] = {"jax_unet": run_jax_unet, "torch_unet": run_torch_unet}
-FRAMEWORK = {"jax_unet": "jax", "torch_unet": "torch"}
+RUNNERS: dict[str, Runner] = {"jax_unet": run_jax_unet, "torch_unet": run_torch_unet,
+                              "jax_volume": run_jax_volume, "monai_volume": run_monai_volume}
+FRAMEWORK = {"jax_unet": "jax", "torch_unet": "torch", "jax_volume": "jax", "monai_volume": "torch"}
 
 
 # --------------------------------------------------------------------------------------------------- suites
@@ -328,7 +386,38 @@ class Suite:
     table: Callable[[list[dict[str, Any]]], str]
 
 
-SUITES = {"unet": Suite(unet_cases, unet_table)}
+def volume_cases(args: argparse.Namespace, with_torch: bool) -> list[dict[str, Any]]:
+    """MONAI first (the reference), then cmfl_jax without and with test-time mirroring."""
+    common = dict(size=VOLUME_WINDOW, base=args.base, depth=args.depth, repeats=args.repeats, warmup=1,
+                  seed=args.seed, dtype="float32")
+    cases = [dict(kind="monai_volume", impl="monai", mirror=False, **common)] if with_torch else []
+    for impl in args.impls:
+        cases += [dict(kind="jax_volume", impl=impl, mirror=m, **common) for m in (False, True)]
+    return cases
+
+
+def volume_table(records: list[dict[str, Any]]) -> str:
+    """Markdown table of the volume suite: seconds per 240x240x155 subject, ratio against MONAI."""
+    ref = next((r for r in records if r["kind"] == "monai_volume" and r.get("status") == "ok"), None)
+    lines = ["| framework | impl | mirroring | compile s | s per subject (median) | peak RSS MiB | / MONAI |",
+             "|---|---|---|---|---|---|---|"]
+    for r in records:
+        if r.get("status") != "ok":
+            lines.append(f"| {FRAMEWORK[r['kind']]} | {r['impl']} | {r['mirror']} | FAILED: {r.get('error', '')[:60]} "
+                         "| - | - | - |")
+            continue
+        ratio = r["volume"]["median_s"] / ref["volume"]["median_s"] if ref else None
+        lines.append(f"| {FRAMEWORK[r['kind']]} | {r['impl']} | {'8 flips' if r['mirror'] else 'no'} | "
+                     f"{_num(r['compile_s'])} | {_num(r['volume']['median_s'])} | {r['peak_rss_mib']:.0f} | "
+                     f"{_num(ratio, '.2f')} |")
+    lines.append("")
+    lines.append(f"One {VOLUME_SHAPE[0]}x{VOLUME_SHAPE[1]}x{VOLUME_SHAPE[2]} volume, 2 channels, {VOLUME_WINDOW}^3 "
+                 "windows, 50 % overlap, Gaussian weighting, 1 window per call; MONAI: sliding_window_inference over "
+                 "the PyTorch twin (eager, inference_mode).")
+    return "\n".join(lines)
+
+
+SUITES = {"unet": Suite(unet_cases, unet_table), "volume": Suite(volume_cases, volume_table)}
 
 
 # --------------------------------------------------------------------------------------------------- processes
@@ -422,6 +511,8 @@ def machine_info(torch_ver: str | None) -> dict[str, Any]:
 
 
 def describe(case: dict[str, Any]) -> str:
+    if case["kind"].endswith("_volume"):
+        return f"volume {FRAMEWORK[case['kind']]} {case['impl']} mirror={case['mirror']}"
     return f"{case['size']}^3 {FRAMEWORK[case['kind']]} {case['impl']} {case['dtype']}"
 
 
@@ -429,6 +520,8 @@ def summary(record: dict[str, Any], ref: dict[str, Any] | None) -> str:
     """One progress line for a finished case."""
     if record["status"] != "ok":
         return f"FAILED after {record['wall_s']:.0f} s: {record['error']}"
+    if "volume" in record:
+        return f"{record['volume']['median_s']:.3g} s per subject, peak {record['peak_rss_mib']:.0f} MiB"
     text = (f"train {record['train']['median_s']:.3g} s, forward {record['forward']['median_s']:.3g} s, "
             f"peak {record['peak_rss_mib']:.0f} MiB")
     if record["compile_train_s"] is not None:

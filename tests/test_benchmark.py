@@ -68,3 +68,16 @@ def test_torch_twin_matches_unet3d():
     torch_loss = soft_dice_loss(torch.from_numpy(np.asarray(probs).transpose(0, 4, 1, 2, 3).copy()),
                                 torch.from_numpy(y.transpose(0, 4, 1, 2, 3).copy()))
     np.testing.assert_allclose(float(torch_loss), float(jax_soft_dice_loss(probs, jnp.asarray(y))), rtol=1e-6)
+
+
+def test_volume_table_gives_seconds_per_subject_and_ratio_to_monai():
+    def record(kind, impl, mirror, seconds):
+        return {"kind": kind, "impl": impl, "mirror": mirror, "status": "ok", "compile_s": None if kind ==
+                "monai_volume" else 5.0, "volume": {"median_s": seconds}, "peak_rss_mib": 1000.0}
+
+    rows = benchmark.volume_table([record("monai_volume", "monai", False, 60.0),
+                                   record("jax_volume", "cpu_fast", False, 45.0),
+                                   record("jax_volume", "cpu_fast", True, 360.0)]).splitlines()
+    assert rows[2] == "| torch | monai | no | - | 60 | 1000 | 1.00 |"
+    assert rows[3] == "| jax | cpu_fast | no | 5 | 45 | 1000 | 0.75 |"
+    assert rows[4] == "| jax | cpu_fast | 8 flips | 5 | 360 | 1000 | 6.00 |"
