@@ -106,10 +106,14 @@ def load_workdir(model_dir: str, checkpoint: str = "best") -> Predictor:
                      run_config.data.normalization, source)
 
 
-def predict_subject(predictor: Predictor, loaded: LoadedSubject, overlap: float = 0.5, batch_size: int = 1,
-                    mirror: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """(internal 0/1/2/4 label map, class probabilities) of one loaded subject."""
-    image = np.moveaxis(preprocess_images(loaded.images, predictor.normalization), 0, -1)
+def model_input(predictor: Predictor, loaded: LoadedSubject) -> np.ndarray:
+    """The pre-processed ``(D, H, W, 4)`` volume the model takes, normalised as in its training."""
+    return np.moveaxis(preprocess_images(loaded.images, predictor.normalization), 0, -1)
+
+
+def predict_image(predictor: Predictor, image: np.ndarray, overlap: float = 0.5, batch_size: int = 1,
+                  mirror: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(internal 0/1/2/4 label map, class probabilities) of a pre-processed volume."""
     probs = predictor.probabilities(image, overlap, batch_size, mirror)
     return restrict_to_brain(classes_to_labels(np.argmax(probs, axis=-1)), image), probs
 
@@ -137,8 +141,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     os.makedirs(out_dir, exist_ok=True)
     for subject in progress(subjects, desc="predict: subject"):
         start = time.perf_counter()
-        loaded = load_subject(subject, with_label=False)
-        pred, probs = predict_subject(predictor, loaded, config.overlap, config.batch_size, config.mirror)
+        loaded = load_subject(subject, with_label=bool(config.overlays))  # the label only to draw it
+        image = model_input(predictor, loaded)
+        pred, probs = predict_image(predictor, image, config.overlap, config.batch_size, config.mirror)
         header = _label_header(loaded.header)
         write_nifti(os.path.join(out_dir, f"{subject.subject_id}.nii.gz"), to_dataset(pred, subject.et_label),
                     loaded.affine, header)
@@ -146,9 +151,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
             write_nifti(os.path.join(out_dir, f"{subject.subject_id}_probabilities.nii.gz"), probs.astype(np.float32),
                         loaded.affine, header)
         if config.overlays:
-            image = np.moveaxis(preprocess_images(loaded.images, predictor.normalization), 0, -1)
-            label = load_subject(subject).label if subject.label else None
-            save_orthogonal_png(os.path.join(workdir, "overlays", f"{subject.subject_id}.png"), image, pred, label,
-                                title=subject.subject_id)
+            save_orthogonal_png(os.path.join(workdir, "overlays", f"{subject.subject_id}.png"), image, pred,
+                                loaded.label, title=subject.subject_id)
         logging.info("predict: %s in %.1f s", subject.subject_id, time.perf_counter() - start)
     logging.info("predict: %d subject(s) written to %s", len(subjects), out_dir)
