@@ -298,7 +298,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         states, step = fit(phase, dataset, config.train, workdir, config.seed)
     finally:
         validator.close()
-    save_final(workdir, states, step, last_val)
+    if step >= config.train.steps:  # not after a SIGTERM/SIGINT stop
+        save_final(workdir, states, step, last_val)
     return states
 
 

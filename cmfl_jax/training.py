@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import signal
+import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -68,8 +70,37 @@ class Phase:
     on_step: Callable[[int, dict, Any], Mapping[str, float] | None] | None = None
 
 
+class StopRequest:
+    """SIGTERM/SIGINT while training: finish the current step, save it, and return (preemptible VMs, Ctrl-C).
+
+    A second signal is not caught again: it interrupts at once (the last checkpoint stays valid).
+    """
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.signal = signum
+        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))  # a second one acts at once
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
 def fit(phase: Phase, dataset, train: ml_collections.ConfigDict, workdir: str, seed: int) -> tuple[dict, int]:
-    """Run ``phase`` for ``train.steps`` steps, resuming from ``workdir`` when it holds a checkpoint."""
+    """Run ``phase`` for ``train.steps`` steps, resuming from ``workdir`` when it holds a checkpoint.
+
+    Returns the states and the last finished step: ``train.steps``, or less when a SIGTERM/SIGINT stopped
+    the run (its step is saved first, so running the same command again resumes there).
+    """
     if train.fresh and os.path.isdir(os.path.join(workdir, "checkpoints")):
         logging.info("config.train.fresh: removing %s", os.path.join(workdir, "checkpoints"))
         shutil.rmtree(os.path.join(workdir, "checkpoints"))
@@ -82,24 +113,31 @@ def fit(phase: Phase, dataset, train: ml_collections.ConfigDict, workdir: str, s
         iterator.set_state(meta["data"])
         logging.info("%s: resumed from step %d of %s", phase.name, start, manager.directory)
     log = RunLog(workdir, train.steps, start, desc=phase.name, log_every=train.log_every)
+    done = start
     try:
-        for step in range(start + 1, train.steps + 1):
-            batch = phase.to_batch(next(iterator))
-            states, metrics = phase.step_fn(states, batch, jax.random.fold_in(rng, step))
-            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            if step % train.log_every == 0 or step == train.steps:
-                log.write(step, metrics)
-            log.progress(step, metrics)
-            extra = phase.on_step(step, states, batch) if phase.on_step else None
-            if extra:
-                log.write(step, extra, prefix="val")
-            if step % train.save_every == 0 or step == train.steps:
-                meta = {"step": step, "rng": checkpoints.rng_to_json(rng), "data": iterator.get_state()}
-                checkpoints.save(manager, step, states, meta, force=True)
+        with StopRequest() as stop:
+            for step in range(start + 1, train.steps + 1):
+                batch = phase.to_batch(next(iterator))
+                states, metrics = phase.step_fn(states, batch, jax.random.fold_in(rng, step))
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                if step % train.log_every == 0 or step == train.steps:
+                    log.write(step, metrics)
+                log.progress(step, metrics)
+                extra = phase.on_step(step, states, batch) if phase.on_step else None
+                if extra:
+                    log.write(step, extra, prefix="val")
+                done = step
+                if step % train.save_every == 0 or step == train.steps or stop.signal is not None:
+                    meta = {"step": step, "rng": checkpoints.rng_to_json(rng), "data": iterator.get_state()}
+                    checkpoints.save(manager, step, states, meta, force=True)
+                if stop.signal is not None:
+                    logging.info("%s: signal %d: stopped after step %d, saved; run the same command to resume",
+                                 phase.name, stop.signal, step)
+                    break
     finally:
         log.close()
         checkpoints.close(manager)
         if hasattr(iterator, "close"):
             iterator.close()
-    return states, max(start, train.steps)
+    return states, done
 
