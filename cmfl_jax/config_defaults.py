@@ -48,6 +48,7 @@ def train_config(steps: int) -> ml_collections.ConfigDict:
             "log_every": 10,  # metrics.jsonl / TensorBoard / log line every N steps
             "save_every": 100,  # checkpoint every N steps (and always at the last step)
             "max_to_keep": 3,
+            "max_nonfinite": 5,  # NaN guard: updates with a non-finite loss/gradient are skipped; stop after N in a row
             "preview_every": 100,  # PNG preview every N steps (0: never)
             "fresh": False,  # True: ignore and delete the workdir's checkpoints, start at step 0
         }

@@ -42,7 +42,7 @@ from cmfl_jax.metrics import REGIONS, brats_metrics
 from cmfl_jax.models import CMFFNet, UNet3D, init_params
 from cmfl_jax.previews import save_segmentation_png
 from cmfl_jax.progress import progress
-from cmfl_jax.training import DTYPES, Phase, fit, make_optimizer
+from cmfl_jax.training import DTYPES, Phase, fit, make_optimizer, skip_nonfinite
 
 # config.init.mode -> the CMFT checkpoint items that become (S_A, S_B).
 INIT_SOURCES = {"cmft": ("g_ab", "g_ba"), "self": ("g_aa", "g_bb"), "random": None}
@@ -179,7 +179,7 @@ def train_step(states: dict, batch: dict, rng: jax.Array, *, pairing: str, ce_we
         return segmentation_loss(state.apply_fn({"params": params}, a, b), target, ce_weight)
 
     (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    return {"seg": state.apply_gradients(grads=grads)}, {"loss": loss, **terms}
+    return skip_nonfinite(states, {"seg": state.apply_gradients(grads=grads)}, {"loss": loss, **terms}, grads)
 
 
 def make_train_step(config: ml_collections.ConfigDict):

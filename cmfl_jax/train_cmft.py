@@ -25,7 +25,7 @@ from cmfl_jax.data.pipeline import patch_dataset
 from cmfl_jax.errors import CMFLError
 from cmfl_jax.models import PatchDiscriminator, UNet3D
 from cmfl_jax.previews import save_translation_png
-from cmfl_jax.training import DTYPES, Phase, create_train_state, fit, make_optimizer
+from cmfl_jax.training import DTYPES, Phase, create_train_state, fit, make_optimizer, skip_nonfinite
 
 GENERATORS = {"cycle": ("g_ab", "g_ba"), "self": ("g_aa", "g_bb")}
 
@@ -128,7 +128,8 @@ def train_step(states: dict, batch: dict, rng: jax.Array, *, pairing: str, objec
         "d_a": d_a.apply_gradients(grads=grad_da),
         "d_b": d_b.apply_gradients(grads=grad_db),
     }
-    return new_states, {**metrics, "d_a": loss_da, "d_b": loss_db}
+    metrics = {**metrics, "d_a": loss_da, "d_b": loss_db}
+    return skip_nonfinite({k: states[k] for k in new_states}, new_states, metrics, (grad1, grad2, grad_da, grad_db))
 
 
 def make_train_step(config: ml_collections.ConfigDict):

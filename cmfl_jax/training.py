@@ -21,11 +21,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from absl import logging
 from flax.training import train_state
 
 from cmfl_jax import checkpoints
+from cmfl_jax.errors import CMFLError
 from cmfl_jax.models.init import init_params
 from cmfl_jax.run_log import RunLog
 
@@ -41,6 +43,21 @@ def make_optimizer(lr: float, b1: float, b2: float, total_steps: int, decay_star
             [optax.constant_schedule(lr), optax.linear_schedule(lr, 0.0, total_steps - decay_start)], [decay_start]
         )
     return optax.adam(schedule, b1=b1, b2=b2)
+
+
+def all_finite(tree) -> jax.Array:
+    """True when every floating-point leaf of ``tree`` is finite (a scalar bool array; usable under jit)."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.asarray(x).dtype,
+                                                                                     jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+def skip_nonfinite(old_states: dict, new_states: dict, metrics: dict, grads) -> tuple[dict, dict]:
+    """The NaN guard inside a train step: keep ``old_states`` (params and optimizer state) when a loss or a
+    gradient is not finite, and report it as the ``skipped`` metric (1.0) that :func:`fit` counts."""
+    finite = all_finite((metrics, grads))
+    states = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_states, old_states)
+    return states, {**metrics, "skipped": 1.0 - finite.astype(jnp.float32)}
 
 
 def create_train_state(rng: jax.Array, module: nn.Module, input_shape: tuple[int, ...],
@@ -95,6 +112,23 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
+def _report_nonfinite(name: str, step: int, in_a_row: int, limit: int, metrics: dict) -> None:
+    """Log a step the NaN guard skipped; stop the run (nothing saved) after ``limit`` in a row."""
+    bad = ", ".join(k for k, v in metrics.items() if not np.isfinite(v)) or "a gradient"
+    logging.warning("%s step %d: non-finite %s; update skipped (%d in a row)", name, step, bad, in_a_row)
+    if in_a_row >= limit:
+        raise CMFLError("config.train.max_nonfinite",
+                        f"{name} step {step}: {in_a_row} steps in a row with a non-finite loss or gradient; stopped "
+                        f"(the last checkpoint is intact: lower the learning rate or check the data, then resume)")
+
+
+def _check_params_finite(states: dict, step: int) -> None:
+    """A checkpoint never holds NaN/Inf params (the guard should make this unreachable)."""
+    for name, state in states.items():
+        if not bool(all_finite(state.params)):
+            raise CMFLError(f"states[{name!r}]", f"non-finite parameters at step {step}; not saved")
+
+
 def fit(phase: Phase, dataset, train: ml_collections.ConfigDict, workdir: str, seed: int) -> tuple[dict, int]:
     """Run ``phase`` for ``train.steps`` steps, resuming from ``workdir`` when it holds a checkpoint.
 
@@ -113,21 +147,25 @@ def fit(phase: Phase, dataset, train: ml_collections.ConfigDict, workdir: str, s
         iterator.set_state(meta["data"])
         logging.info("%s: resumed from step %d of %s", phase.name, start, manager.directory)
     log = RunLog(workdir, train.steps, start, desc=phase.name, log_every=train.log_every)
-    done = start
+    done, nonfinite = start, 0  # nonfinite: updates skipped in a row by the NaN guard
     try:
         with StopRequest() as stop:
             for step in range(start + 1, train.steps + 1):
                 batch = phase.to_batch(next(iterator))
                 states, metrics = phase.step_fn(states, batch, jax.random.fold_in(rng, step))
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                if step % train.log_every == 0 or step == train.steps:
+                nonfinite = nonfinite + 1 if metrics.pop("skipped", 0.0) else 0
+                if step % train.log_every == 0 or step == train.steps or nonfinite:
                     log.write(step, metrics)
                 log.progress(step, metrics)
+                if nonfinite:
+                    _report_nonfinite(phase.name, step, nonfinite, train.max_nonfinite, metrics)
                 extra = phase.on_step(step, states, batch) if phase.on_step else None
                 if extra:
                     log.write(step, extra, prefix="val")
                 done = step
                 if step % train.save_every == 0 or step == train.steps or stop.signal is not None:
+                    _check_params_finite(states, step)
                     meta = {"step": step, "rng": checkpoints.rng_to_json(rng), "data": iterator.get_state()}
                     checkpoints.save(manager, step, states, meta, force=True)
                 if stop.signal is not None:
