@@ -14,6 +14,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import serialization
 
 from cmfl_jax.errors import CMFLError
 
@@ -77,6 +78,7 @@ def restore(manager: ocp.CheckpointManager, targets: Mapping[str, Any], step: in
             restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
             items[name] = ocp.args.PyTreeRestore(abstract, restore_args=restore_args, partial_restore=True)
         else:
+            _check_layout(os.path.join(manager.directory, str(step), name), abstract)
             items[name] = ocp.args.StandardRestore(abstract)
     items["meta"] = ocp.args.JsonRestore()
     try:
@@ -85,6 +87,31 @@ def restore(manager: ocp.CheckpointManager, targets: Mapping[str, Any], step: in
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CMFLError(os.path.join(manager.directory, str(step)), f"cannot restore checkpoint: {first_line}") from e
     return {n: restored[n] for n in targets}, dict(restored["meta"])
+
+
+def _flat_shapes(tree) -> dict[str, tuple[int, ...]]:
+    def key_name(k) -> str:
+        return str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
+    return {"/".join(key_name(k) for k in path): tuple(getattr(leaf, "shape", np.shape(leaf)))
+            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _check_layout(item_dir: str, abstract) -> None:
+    """Compare the saved arrays' names and shapes with ``abstract`` before restoring: one clear error for a
+    checkpoint of another architecture (Orbax would fail inside its parallel reads, with noise on stderr)."""
+    try:
+        saved = ocp.StandardCheckpointer().metadata(item_dir).item_metadata
+    except (FileNotFoundError, ValueError):
+        return  # not a standard item: the restore itself reports it
+    saved, wanted = _flat_shapes(saved), _flat_shapes(serialization.to_state_dict(abstract))
+    missing = sorted(set(wanted) - set(saved))
+    if missing:
+        raise CMFLError(item_dir, f"checkpoint has no {missing[0]} ({len(missing)} arrays missing): it was saved by "
+                                  f"another architecture or variant")
+    for key, shape in sorted(wanted.items(), key=lambda kv: not kv[0].startswith("params")):  # params first
+        if saved[key] != shape:
+            raise CMFLError(item_dir, f"{key} has shape {saved[key]} in the checkpoint but {shape} in this run: it "
+                                      f"was saved by another architecture (model.base / model.depth?)")
 
 
 def rng_to_json(key: jax.Array) -> list[int]:

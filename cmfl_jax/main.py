@@ -8,7 +8,9 @@ It only parses flags and dispatches on ``config.job``. Bad input (a
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+from typing import NoReturn
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -39,8 +41,6 @@ def _quiet_libraries(record) -> bool:
 
 def _enable_compilation_cache() -> None:
     """Persist XLA compilations (a 3D U-Net step takes ~1 min to compile on CPU) across runs and resumes."""
-    import os
-
     import jax
 
     from cmfl_jax.data.cache import default_cache_dir
@@ -51,8 +51,6 @@ def _enable_compilation_cache() -> None:
 
 def _write_config(config, workdir: str) -> None:
     """``<workdir>/config.json``: what this run was asked to do (CMFF checks its CMFT run's against its own)."""
-    import os
-
     from cmfl_jax.data.io import atomic_path
 
     os.makedirs(workdir, exist_ok=True)
@@ -62,7 +60,7 @@ def _write_config(config, workdir: str) -> None:
 
 def _run(argv: list[str]) -> None:
     del argv
-    config = FLAGS.config
+    config = _load_config()
     job = config.get("job")
     if job not in JOBS:
         raise CMFLError("config.job", f"unknown job {job!r}; known jobs: {', '.join(sorted(JOBS))}")
@@ -76,15 +74,78 @@ def _run(argv: list[str]) -> None:
     importlib.import_module(JOBS[job]).run(config, FLAGS.workdir)
 
 
+def _fail(message: str) -> NoReturn:
+    """One line on stderr, exit status 2. ``os._exit``: a failed Orbax restore leaves tensorstore callbacks that
+    print "Event loop is closed" tracebacks during interpreter shutdown; every file is already closed here."""
+    print(f"cmfl_jax: error: {message}", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(2)
+
+
+def _flag_problem(e: Exception, argv: list[str]) -> str:
+    """One line for a flag that absl or ml_collections rejected (an unknown key, a value of the wrong type)."""
+    text = str(e).strip()
+    if isinstance(e, flags.UnrecognizedFlagError) and e.flagname.startswith("config."):
+        given = next((a for a in argv if a.startswith(f"--{e.flagname}=") or a == f"--{e.flagname}"), "")
+        return f"{e.flagname}: unknown config key (or a sub-key of a non-dict value){' in ' + given if given else ''}"
+    if "Failed loading config file" in text:  # config_flags: the file is missing or does not import
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        at = next((i for i, line in enumerate(lines) if line.startswith("Attempted")), None)
+        path = lines[at + 1] if at is not None and at + 1 < len(lines) else "--config"
+        return f"{path}: cannot load config file ({lines[-1]})"
+    if isinstance(e, (AttributeError, KeyError)):  # config_flags looking up a key that the config lacks
+        key = next((a.split("=")[0][2:] for a in argv if a.startswith("--config.")), "config")
+        return f"{key}: unknown config key ({text.strip(chr(34) + chr(39))!r} not found)"
+    if "Error whilst parsing config file" in text:  # an exception from get_config (e.g. an unknown variant)
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        return f"{text.split(':', 1)[0].removeprefix('flag ')}: {last.strip()}"
+    return text.splitlines()[0].removeprefix("flag ")
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's parser, but a bad flag or config override is one line on stderr and exit status 2 (no usage dump)."""
+    try:
+        return FLAGS(argv)
+    except Exception as e:  # absl's flags.Error, and config_flags' AttributeError/KeyError for unknown keys
+        if "--verbose" in argv:
+            raise
+        _fail(_flag_problem(e, argv))
+
+
+def _load_config():
+    """``FLAGS.config``, with a config file that failed to load reported as CMFLError (config_flags defers it)."""
+    try:
+        config = FLAGS.config
+        config.get("job")  # a lazy proxy until first used
+        return config
+    except OSError as e:
+        raise CMFLError(None, _flag_problem(e, [])) from e
+
+
 def main(argv: list[str]) -> None:
+    workdir = FLAGS.workdir
+    fresh_workdir = not os.path.exists(workdir)
+    fresh_config = not os.path.exists(os.path.join(workdir, "config.json"))
     try:
         _run(argv)
     except CMFLError as e:
+        _undo_config(workdir, fresh_workdir, fresh_config)
         if FLAGS.verbose:
             raise
-        print(f"cmfl_jax: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _fail(str(e))
+
+
+def _undo_config(workdir: str, fresh_workdir: bool, fresh_config: bool) -> None:
+    """Bad input leaves nothing behind: the config.json this run wrote and, in a workdir it created, the folders
+    it left empty. Files it did finish (a checkpoint saved before a later error) stay."""
+    if fresh_config and os.path.exists(os.path.join(workdir, "config.json")):
+        os.remove(os.path.join(workdir, "config.json"))
+    if fresh_workdir and os.path.isdir(workdir):
+        for path, _, _ in sorted(os.walk(workdir), key=lambda w: -len(w[0])):  # deepest first
+            if not os.listdir(path):
+                os.rmdir(path)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -131,12 +131,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
                                             "(configs/export.py)")
     from cmfl_jax.export import is_bundle, load_bundle  # export builds on this module
 
+    subjects: list[Subject] = discover(resolve_root(config.data), require_labels=False)  # before the model: cheap
     if is_bundle(config.model_dir):
         predictor = load_bundle(config.model_dir)
     else:
         predictor = load_workdir(config.model_dir, config.checkpoint)
-    root = resolve_root(config.data)
-    subjects: list[Subject] = discover(root, require_labels=False)
     out_dir = config.out_dir or os.path.join(workdir, "predictions")
     os.makedirs(out_dir, exist_ok=True)
     for subject in progress(subjects, desc="predict: subject"):

@@ -129,6 +129,17 @@ def _check_params_finite(states: dict, step: int) -> None:
             raise CMFLError(f"states[{name!r}]", f"non-finite parameters at step {step}; not saved")
 
 
+def _resume(phase: Phase, manager, iterator, seed: int) -> tuple[dict, jax.Array, int]:
+    """(states, root RNG, step) from the manager's latest checkpoint, the iterator moved to its position;
+    the phase's fresh states, ``key(seed)`` and 0 when there is none."""
+    if manager.latest_step() is None:
+        return phase.states, jax.random.key(seed), 0
+    states, meta = checkpoints.restore(manager, phase.states)
+    iterator.set_state(meta["data"])
+    logging.info("%s: resumed from step %d of %s", phase.name, int(meta["step"]), manager.directory)
+    return states, checkpoints.rng_from_json(meta["rng"]), int(meta["step"])
+
+
 def fit(phase: Phase, dataset, train: ml_collections.ConfigDict, workdir: str, seed: int) -> tuple[dict, int]:
     """Run ``phase`` for ``train.steps`` steps, resuming from ``workdir`` when it holds a checkpoint.
 
@@ -139,16 +150,12 @@ def fit(phase: Phase, dataset, train: ml_collections.ConfigDict, workdir: str, s
         logging.info("config.train.fresh: removing %s", os.path.join(workdir, "checkpoints"))
         shutil.rmtree(os.path.join(workdir, "checkpoints"))
     manager = checkpoints.make_manager(workdir, train.max_to_keep)
-    states, rng, start = phase.states, jax.random.key(seed), 0
     iterator = iter(dataset)
-    if manager.latest_step() is not None:
-        states, meta = checkpoints.restore(manager, states)
-        start, rng = int(meta["step"]), checkpoints.rng_from_json(meta["rng"])
-        iterator.set_state(meta["data"])
-        logging.info("%s: resumed from step %d of %s", phase.name, start, manager.directory)
-    log = RunLog(workdir, train.steps, start, desc=phase.name, log_every=train.log_every)
-    done, nonfinite = start, 0  # nonfinite: updates skipped in a row by the NaN guard
+    log = None
     try:
+        states, rng, start = _resume(phase, manager, iterator, seed)
+        log = RunLog(workdir, train.steps, start, desc=phase.name, log_every=train.log_every)
+        done, nonfinite = start, 0  # nonfinite: updates skipped in a row by the NaN guard
         with StopRequest() as stop:
             for step in range(start + 1, train.steps + 1):
                 batch = phase.to_batch(next(iterator))
@@ -173,7 +180,8 @@ def fit(phase: Phase, dataset, train: ml_collections.ConfigDict, workdir: str, s
                                  phase.name, stop.signal, step)
                     break
     finally:
-        log.close()
+        if log is not None:
+            log.close()
         checkpoints.close(manager)
         if hasattr(iterator, "close"):
             iterator.close()

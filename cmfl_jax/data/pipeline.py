@@ -86,6 +86,10 @@ def patch_dataset(
     """An endless, seeded ``IterDataset`` of batched patches (leading batch axis on every field)."""
     if not entries:
         raise CMFLError(None, "no subjects to sample patches from")
+    if len(patch_size) != 3 or any(int(p) != p or p < 1 for p in patch_size):
+        raise CMFLError("config.data.patch_size", f"must be 3 positive integers, got {tuple(patch_size)}")
+    if batch_size < 1:
+        raise CMFLError("config.train.batch_size", f"must be at least 1, got {batch_size}")
     if not 0.0 <= tumour_prob <= 1.0:
         raise CMFLError("config.data.tumour_prob", f"must lie in [0, 1], got {tumour_prob}")
     source = list(enumerate(entries))
