@@ -7,6 +7,7 @@ It only parses flags and dispatches on ``config.job``. Bad input (a
 
 from __future__ import annotations
 
+import errno
 import importlib
 import os
 import sys
@@ -134,6 +135,33 @@ def main(argv: list[str]) -> None:
         if FLAGS.verbose:
             raise
         _fail(str(e))
+    except Exception as e:
+        disk = _disk_error(e)
+        if disk is None:
+            raise
+        _undo_config(workdir, fresh_workdir, fresh_config)
+        if FLAGS.verbose:
+            raise
+        where = disk.filename or workdir
+        _fail(f"{where}: {disk.strerror or disk} (errno {errno.errorcode.get(disk.errno, disk.errno)}); every "
+              f"output is written atomically, so nothing half-written was kept: free space and run the same "
+              f"command again (training resumes from its last checkpoint)")
+
+
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
+
+
+def _disk_error(e: BaseException | None) -> OSError | None:
+    """The out-of-space (or read-only, quota) OSError behind ``e``, if any: Orbax's writer threads wrap it."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in DISK_ERRNOS:
+            return e
+        if "No space left on device" in str(e):  # tensorstore (Orbax's array writer) reports it as text
+            return OSError(errno.ENOSPC, str(e).strip().splitlines()[0])
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def _undo_config(workdir: str, fresh_workdir: bool, fresh_config: bool) -> None:
