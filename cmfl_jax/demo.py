@@ -61,6 +61,16 @@ def write_subject_csv(path: str, subjects: list[Subject]) -> None:
         f.write(buffer.getvalue())
 
 
+def write_split(config: ml_collections.ConfigDict, workdir: str) -> tuple[list[Subject], list[Subject], str, str]:
+    """``<workdir>/train.csv`` and ``held_out.csv``: the split as two data roots; (train, held out, their paths)."""
+    train, held_out = held_out_subjects(config)  # generates the synthetic data set on first use
+    os.makedirs(workdir, exist_ok=True)
+    paths = os.path.join(workdir, "train.csv"), os.path.join(workdir, "held_out.csv")
+    write_subject_csv(paths[0], train)
+    write_subject_csv(paths[1], held_out)
+    return train, held_out, *paths
+
+
 def stage_configs(config: ml_collections.ConfigDict, workdir: str, train_csv: str, held_out_csv: str
                   ) -> dict[str, ml_collections.ConfigDict]:
     """Each stage's own config with the shared values and the paths between stages filled in.
@@ -92,7 +102,7 @@ def stage_configs(config: ml_collections.ConfigDict, workdir: str, train_csv: st
     return out
 
 
-def _finished(name: str, stage: ml_collections.ConfigDict, stage_dir: str) -> bool:
+def finished(name: str, stage: ml_collections.ConfigDict, stage_dir: str) -> bool:
     """False when a training stage stopped early (SIGTERM/SIGINT: it saved its step and returned)."""
     if name == "cmft":
         return (checkpoints.latest_step(stage_dir) or 0) >= stage.train.steps
@@ -101,8 +111,9 @@ def _finished(name: str, stage: ml_collections.ConfigDict, stage_dir: str) -> bo
     return True
 
 
-def _run_stage(name: str, stage: ml_collections.ConfigDict, stage_dir: str) -> None:
-    """The job's own ``run``; what it prints goes to the log, so the demo's summary is the one block on stdout."""
+def run_stage(name: str, stage: ml_collections.ConfigDict, stage_dir: str) -> None:
+    """The job's own ``run`` with its ``config.json`` (as the CLI writes it: CMFF and predict read it back);
+    what the job prints goes to the log, so the demo's summary is the one block on stdout."""
     module = importlib.import_module(JOB_MODULES[name])
     os.makedirs(stage_dir, exist_ok=True)
     _write_json(os.path.join(stage_dir, "config.json"), stage.to_json_best_effort(indent=2, sort_keys=True))
@@ -139,8 +150,8 @@ def run_stages(stages: dict[str, ml_collections.ConfigDict], workdir: str) -> di
             continue
         logging.info("demo: stage %s -> %s", name, stage_dir)
         start = time.perf_counter()
-        _run_stage(name, stages[name], stage_dir)
-        if not _finished(name, stages[name], stage_dir):
+        run_stage(name, stages[name], stage_dir)
+        if not finished(name, stages[name], stage_dir):
             logging.info("demo: %s stopped before its last step; run the same command to resume", name)
             return None
         seconds = time.perf_counter() - start
@@ -206,13 +217,9 @@ def _best_meta(cmff_dir: str) -> dict | None:
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     start = time.perf_counter()
-    train, held_out = held_out_subjects(config)  # generates the synthetic data set on first use
-    os.makedirs(workdir, exist_ok=True)
-    csvs = {"train": os.path.join(workdir, "train.csv"), "held_out": os.path.join(workdir, "held_out.csv")}
-    write_subject_csv(csvs["train"], train)
-    write_subject_csv(csvs["held_out"], held_out)
-    logging.info("demo: %d training and %d held-out subjects (%s)", len(train), len(held_out), csvs["held_out"])
-    stages = stage_configs(config, workdir, csvs["train"], csvs["held_out"])
+    train, held_out, train_csv, held_out_csv = write_split(config, workdir)
+    logging.info("demo: %d training and %d held-out subjects (%s)", len(train), len(held_out), held_out_csv)
+    stages = stage_configs(config, workdir, train_csv, held_out_csv)
     report = run_stages(stages, workdir)
     if report is None:
         return

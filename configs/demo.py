@@ -62,6 +62,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # data and U-Net (96x96x64 subjects, base 8, depth 3) on fewer, smaller patches and fewer steps.
         config.data.synthetic.n = 20
         config.data.patch_size = (32, 32, 32)
+        # A 32^3 patch centred on the tumour never shows the healthy brain far from it, and the model then marks
+        # oedema there (held-out WT Dice 0.33 after 600 steps); half of the centres anywhere in the brain: 0.83+.
+        config.data.tumour_prob = 0.5
         config.cmft.train.steps = 150
         config.cmft.train.log_every = 10
         config.cmft.train.save_every = 50
