@@ -32,6 +32,7 @@ JOBS = {
     "predict": "cmfl_jax.predict",
     "export": "cmfl_jax.export",
     "evaluate": "cmfl_jax.evaluate",
+    "demo": "cmfl_jax.demo",
 }
 
 

@@ -1,0 +1,229 @@
+"""The whole method in one job (``configs/demo.py``): CMFT -> CMFF -> predict -> evaluate -> export.
+
+Each stage is the existing job's ``run(config, workdir)`` on its own sub-folder of the workdir, with the
+config of its own file (``configs/<job>.py``) plus the shared data, U-Net and seed. Predictions and
+evaluation cover only the subjects CMFF held out (its validation fold, split as ``train_cmff`` splits
+them), listed in ``<workdir>/held_out.csv`` (the explicit CSV layout), so the scores are on unseen
+subjects. Running the same command again reuses every finished stage whose config is unchanged (a
+``demo_stage.json`` marker in its folder) and resumes an unfinished training from its checkpoint; a stage
+after one that ran is redone. The job ends with one summary on stdout, also written to
+``<workdir>/summary.md``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import csv
+import importlib
+import io
+import json
+import os
+import time
+
+import ml_collections
+from absl import logging
+
+from cmfl_jax import checkpoints
+from cmfl_jax.config_defaults import model_config
+from cmfl_jax.data.dataset import resolve_root
+from cmfl_jax.data.io import atomic_path
+from cmfl_jax.data.layouts import MODALITIES, Subject, discover
+from cmfl_jax.data.splits import split_subjects
+from cmfl_jax.errors import CMFLError
+
+# Stage -> the module whose ``run(config, workdir)`` does it (the jobs of ``cmfl_jax.main``), in order.
+JOB_MODULES = {"cmft": "cmfl_jax.train_cmft", "cmff": "cmfl_jax.train_cmff", "predict": "cmfl_jax.predict",
+               "evaluate": "cmfl_jax.evaluate", "export": "cmfl_jax.export"}
+STAGES = tuple(JOB_MODULES)
+MARKER = "demo_stage.json"
+
+
+def held_out_subjects(config: ml_collections.ConfigDict) -> tuple[list[Subject], list[Subject]]:
+    """(training, held-out) subjects of the data root: CMFF's validation fold, as ``train_cmff`` splits them."""
+    subjects = discover(resolve_root(config.data), require_labels=True)
+    v = config.cmff.val
+    train, held_out = split_subjects(subjects, v.folds, v.fold, v.seed)
+    if not held_out:
+        raise CMFLError("config.cmff.val.folds", "must be at least 2: the demo predicts and scores the held-out fold")
+    return train, held_out
+
+
+def write_subject_csv(path: str, subjects: list[Subject]) -> None:
+    """The explicit CSV layout (``cmfl_jax.data.layouts``) listing ``subjects``: a data root of just them."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["subject_id", *MODALITIES, "seg", "et_label", "grade"])
+    for s in subjects:
+        writer.writerow([s.subject_id, *(os.path.abspath(p) for p in s.images), os.path.abspath(s.label),
+                         s.et_label, s.grade or ""])
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        f.write(buffer.getvalue())
+
+
+def write_split(config: ml_collections.ConfigDict, workdir: str) -> tuple[list[Subject], list[Subject], str, str]:
+    """``<workdir>/train.csv`` and ``held_out.csv``: the split as two data roots; (train, held out, their paths)."""
+    train, held_out = held_out_subjects(config)  # generates the synthetic data set on first use
+    os.makedirs(workdir, exist_ok=True)
+    paths = os.path.join(workdir, "train.csv"), os.path.join(workdir, "held_out.csv")
+    write_subject_csv(paths[0], train)
+    write_subject_csv(paths[1], held_out)
+    return train, held_out, *paths
+
+
+def stage_configs(config: ml_collections.ConfigDict, workdir: str, train_csv: str, held_out_csv: str
+                  ) -> dict[str, ml_collections.ConfigDict]:
+    """Each stage's own config with the shared values and the paths between stages filled in.
+
+    CMFT reads only the training subjects (``train_csv``: it centres its patches with their labels), CMFF
+    the whole root (it holds the same fold out itself), predict and evaluate only the held-out subjects.
+    """
+    dirs = {name: os.path.join(workdir, name) for name in STAGES}
+    out = {}
+    for name in STAGES:
+        stage = copy.deepcopy(config[name])
+        stage.unlock()
+        out[name] = stage
+    for name in ("cmft", "cmff"):
+        out[name].seed = config.seed
+        out[name].data = copy.deepcopy(config.data)
+    # CMFT's U-Net is the shared one; the CMFF variant keys (branches, attention) are CMFF's alone.
+    out["cmft"].data.root = train_csv
+    out["cmft"].model = ml_collections.ConfigDict({k: config.model[k] for k in model_config()})
+    out["cmff"].model = copy.deepcopy(config.model)
+    out["cmff"].init.cmft_workdir = dirs["cmft"]
+    for name in ("predict", "evaluate"):
+        out[name].data = copy.deepcopy(config.data)
+        out[name].data.root = held_out_csv
+    out["predict"].data.require_labels = False
+    out["predict"].model_dir = dirs["cmff"]
+    out["evaluate"].predictions = os.path.join(dirs["predict"], "predictions")
+    out["export"].model_dir = dirs["cmff"]
+    return out
+
+
+def finished(name: str, stage: ml_collections.ConfigDict, stage_dir: str) -> bool:
+    """False when a training stage stopped early (SIGTERM/SIGINT: it saved its step and returned)."""
+    if name == "cmft":
+        return (checkpoints.latest_step(stage_dir) or 0) >= stage.train.steps
+    if name == "cmff":
+        return (checkpoints.latest_step(stage_dir, "final") or 0) >= stage.train.steps
+    return True
+
+
+def run_stage(name: str, stage: ml_collections.ConfigDict, stage_dir: str) -> None:
+    """The job's own ``run`` with its ``config.json`` (as the CLI writes it: CMFF and predict read it back);
+    what the job prints goes to the log, so the demo's summary is the one block on stdout."""
+    module = importlib.import_module(JOB_MODULES[name])
+    os.makedirs(stage_dir, exist_ok=True)
+    _write_json(os.path.join(stage_dir, "config.json"), stage.to_json_best_effort(indent=2, sort_keys=True))
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        module.run(stage, stage_dir)
+    for line in printed.getvalue().splitlines():
+        logging.info("%s: %s", name, line)
+
+
+def _write_json(path: str, text: str) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        f.write(text + "\n")
+
+
+def _read_marker(stage_dir: str) -> dict | None:
+    try:
+        with open(os.path.join(stage_dir, MARKER)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def run_stages(stages: dict[str, ml_collections.ConfigDict], workdir: str) -> dict[str, dict] | None:
+    """Run (or reuse) the stages in order; ``{stage: {"seconds", "reused"}}``, or None if training was stopped."""
+    report, upstream_ran = {}, False
+    for name in STAGES:
+        stage_dir = os.path.join(workdir, name)
+        key = stages[name].to_json_best_effort(sort_keys=True)
+        marker = _read_marker(stage_dir)
+        if not upstream_ran and marker is not None and marker.get("config") == key:
+            logging.info("demo: %s finished before with this config, reused (%s)", name, stage_dir)
+            report[name] = {"seconds": marker.get("seconds", 0.0), "reused": True}
+            continue
+        logging.info("demo: stage %s -> %s", name, stage_dir)
+        start = time.perf_counter()
+        run_stage(name, stages[name], stage_dir)
+        if not finished(name, stages[name], stage_dir):
+            logging.info("demo: %s stopped before its last step; run the same command to resume", name)
+            return None
+        seconds = time.perf_counter() - start
+        _write_json(os.path.join(stage_dir, MARKER), json.dumps({"config": key, "seconds": seconds}))
+        report[name] = {"seconds": seconds, "reused": False}
+        upstream_ran = True
+    return report
+
+
+def _fmt_seconds(s: float) -> str:
+    return f"{int(s) // 60}m{int(s) % 60:02d}s"
+
+
+def summary_text(config: ml_collections.ConfigDict, workdir: str, stages: dict[str, ml_collections.ConfigDict],
+                 report: dict[str, dict], n_train: int, held_out: list[Subject], wall: float) -> str:
+    """The demo's one summary (Markdown): where every output is, how long each stage took, the metrics table."""
+    d = {name: os.path.join(workdir, name) for name in STAGES}
+    best = _best_meta(d["cmff"])
+    with open(os.path.join(d["evaluate"], "evaluation_summary.md")) as f:
+        table = f.read().strip()
+    root = config.data.root or resolve_root(config.data)
+    shape = "x".join(str(s) for s in config.data.synthetic.shape)
+    data = root if config.data.root else f"built-in synthetic, {config.data.synthetic.n} subjects at {shape}: {root}"
+    m, c, f = config.model, stages["cmff"], stages["cmft"]
+    took = ", ".join(f"{name} {_fmt_seconds(r['seconds'])}{' (reused)' if r['reused'] else ''}"
+                     for name, r in report.items())
+    best_line = (f"best step {best['step']}, validation mean Dice {best['val']['dice_mean']:.4f}" if best
+                 else "no best checkpoint")
+    lines = [
+        "# cmfl_jax demo",
+        "",
+        f"- data: {data}",
+        f"- held out (CMFF validation fold {c.val.fold} of {c.val.folds}): {len(held_out)} subjects "
+        f"({', '.join(s.subject_id for s in held_out)}), listed in `{os.path.join(workdir, 'held_out.csv')}`; "
+        f"the other {n_train} train both phases (`{os.path.join(workdir, 'train.csv')}`)",
+        f"- model: U-Net base {m.base}, depth {m.depth}, patches {'x'.join(map(str, config.data.patch_size))}, "
+        f"CMFF branches {m.branches}, attention {m.attention}",
+        f"- CMFT ({f.train.steps} steps): `{d['cmft']}` (checkpoints/, previews/, metrics.jsonl)",
+        f"- CMFF ({c.train.steps} steps, init {c.init.mode}): `{d['cmff']}` (best/, final/, previews/; {best_line})",
+        f"- predictions: `{os.path.join(d['predict'], 'predictions')}` ({len(held_out)} NIfTI)",
+        f"- evaluation: `{d['evaluate']}` (evaluation_summary.md/.csv, evaluation_per_subject.csv, "
+        "evaluation_boxplot.png)",
+        f"- export bundle: `{os.path.join(d['export'], 'bundle')}`",
+        f"- time: {_fmt_seconds(wall)} this run ({took})",
+        "",
+        f"Held-out subjects ({len(held_out)}), BraTS metrics in the paper's layout (HD95 in mm of the label's "
+        "voxel spacing):",
+        "",
+        table,
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _best_meta(cmff_dir: str) -> dict | None:
+    if checkpoints.latest_step(cmff_dir, "best") is None:
+        return None
+    manager = checkpoints.make_manager(cmff_dir, None, "best", read_only=True)
+    try:
+        return checkpoints.read_meta(manager)
+    finally:
+        manager.close()
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> None:
+    start = time.perf_counter()
+    train, held_out, train_csv, held_out_csv = write_split(config, workdir)
+    logging.info("demo: %d training and %d held-out subjects (%s)", len(train), len(held_out), held_out_csv)
+    stages = stage_configs(config, workdir, train_csv, held_out_csv)
+    report = run_stages(stages, workdir)
+    if report is None:
+        return
+    text = summary_text(config, workdir, stages, report, len(train), held_out, time.perf_counter() - start)
+    with atomic_path(os.path.join(workdir, "summary.md")) as tmp, open(tmp, "w") as f:
+        f.write(text)
+    print(text, end="", flush=True)
