@@ -1,0 +1,337 @@
+"""The paper's ablations (Tables 2 and 4) on one data root, one training budget and one set of seeds.
+
+Branch variants (``config.model.branches`` / ``config.model.attention``): S_A, S_B, S_A + S_B, Ours w/o MG,
+Ours w CA, Ours; initialisation variants (``config.init.mode``): Ours_random, Ours_self (from a CMFT run with
+``cmft.objective=self``), Ours (from the CMFT CycleGAN); and the alternative modality pairing
+(T1, FLAIR) / (T2, T1c) (``data.pairing``, with its own CMFT run). Ours_voc needs 2D VOC weights that cannot
+be downloaded here and is left out. Per seed there are three CMFT runs (cycle, self, alternative pairing),
+shared by every CMFF variant that starts from them.
+
+Everything else is the demo's (``configs/demo.py``; ``--size smoke`` is its ``:smoke``, ``cpu-ish`` its
+default): data, U-Net, optimiser, and the held-out fold (CMFF's validation fold, the same for every
+variant and seed; CMFT sees only the training subjects). A variant's score is the BraTS metrics of its
+final checkpoint on the held-out subjects (CMFF's validation at its last step: whole volumes by sliding
+windows), not of the best checkpoint, which is chosen on those same subjects. Finished runs are reused
+when the script runs again (a CMFT run whose last checkpoint is at its step count, a CMFF run with a
+``final/`` checkpoint); an interrupted one resumes from its checkpoint.
+
+    python -m experiments.ablations --size cpu-ish --steps 300 --cmft_steps 100 --seeds 0 \
+        --out experiments/results
+
+Writes ``<out>/ablations.md`` (the table, the paper's figures beside it, and which of the paper's
+orderings hold) and ``<out>/ablations.json`` (settings, per-seed metrics, run times).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import datetime
+import json
+import os
+import sys
+import time
+
+import ml_collections
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REGIONS = ("ET", "WT", "TC")
+SIZES = {"smoke": "smoke", "cpu-ish": None}  # --size -> variant of configs/demo.py
+ALT_PAIRING = "t1-flair/t2-t1ce"
+# CMFT runs per seed: name -> overrides of the CMFT stage config.
+CMFT_RUNS = {"cycle": {}, "self": {"cmft.objective": "self"}, "alt-pairing": {"data.pairing": ALT_PAIRING}}
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One row of the table: CMFF config overrides, the CMFT run it starts from, and the paper's Dice.
+
+    Attributes:
+      name: as in the paper's tables.
+      key: a folder name.
+      overrides: dotted CMFF config path -> value; the variant *is* this (the code is the same for all).
+      cmft: the CMFT run (``CMFT_RUNS``) that initialises S_A and S_B, or None (random initialisation).
+      paper_2018: Dice ET, WT, TC, average on BraTS 2018 validation (Table 4), where the paper gives them.
+      paper_2017: the same on BraTS 2017 validation (Table 2).
+    """
+
+    name: str
+    key: str
+    overrides: dict
+    cmft: str | None
+    paper_2018: tuple[float | None, ...]
+    paper_2017: tuple[float | None, ...]
+
+
+NO_FIGURE = (None, None, None, None)
+# Dice figures copied from the paper (/work/shared/paper): Table 2 (BraTS 2017) and Table 4 (BraTS 2018);
+# Table 4's extracted header lost its TC column, the order ET, WT, TC, average is the one of Table 2 and
+# every row's average checks. The alternative pairing has only an average Dice, in the text of section 4.3.
+VARIANTS = (
+    Variant("S_A", "s_a", {"model.branches": "A"}, "cycle",
+            (0.786, 0.807, 0.812, 0.802), (0.752, 0.799, 0.787, 0.779)),
+    Variant("S_B", "s_b", {"model.branches": "B"}, "cycle",
+            (0.444, 0.898, 0.704, 0.682), (0.429, 0.886, 0.656, 0.657)),
+    Variant("S_A + S_B", "s_a_plus_s_b", {"model.branches": "A+B"}, "cycle",
+            (0.721, 0.873, 0.797, 0.797), (0.672, 0.864, 0.759, 0.765)),
+    Variant("Ours w/o MG", "wo_mg", {"model.attention": "none"}, "cycle",
+            (0.781, 0.900, 0.822, 0.834), (0.762, 0.898, 0.808, 0.823)),
+    Variant("Ours w CA", "w_ca", {"model.attention": "cbam"}, "cycle",
+            (0.788, 0.901, 0.833, 0.841), (0.765, 0.896, 0.799, 0.820)),
+    Variant("Ours_random", "random", {"init.mode": "random"}, None,
+            (0.755, 0.873, 0.771, 0.800), (0.725, 0.870, 0.754, 0.783)),
+    Variant("Ours_self", "self", {"init.mode": "self"}, "self",
+            (0.767, 0.898, 0.832, 0.833), (0.751, 0.898, 0.779, 0.809)),
+    Variant("Ours, pairs (T1, FLAIR) / (T2, T1c)", "alt_pairing", {"data.pairing": ALT_PAIRING}, "alt-pairing",
+            (None, None, None, 0.822), NO_FIGURE),
+    Variant("Ours", "ours", {}, "cycle",
+            (0.791, 0.903, 0.836, 0.843), (0.757, 0.900, 0.828, 0.828)),
+)
+BY_KEY = {v.key: v for v in VARIANTS}
+# The paper's orderings (section 4.2-4.3) that the table checks: (better, worse) by average Dice.
+CLAIMS = (
+    ("ours", "s_a_plus_s_b"), ("ours", "wo_mg"), ("ours", "w_ca"), ("s_a", "s_b"), ("s_a", "s_a_plus_s_b"),
+    ("s_a_plus_s_b", "s_b"), ("ours", "self"), ("self", "random"), ("ours", "random"), ("ours", "alt_pairing"),
+)
+
+
+def set_path(config: ml_collections.ConfigDict, path: str, value) -> None:
+    """``config.a.b = value`` for ``path`` "a.b"."""
+    *parents, leaf = path.split(".")
+    for p in parents:
+        config = config[p]
+    config[leaf] = value
+
+
+def base_stages(size: str, steps: int, cmft_steps: int, seed: int, data_root: str, workdir: str
+                ) -> tuple[dict, list, list]:
+    """The demo's CMFT and CMFF stage configs at this size, budget and seed; (stages, train, held-out)."""
+    from cmfl_jax import demo
+
+    config = copy.deepcopy(demo_config(size))
+    config.unlock()
+    config.seed = seed
+    config.data.root = data_root
+    config.cmft.train.steps = cmft_steps
+    config.cmff.train.steps = steps
+    config.cmff.val.every = steps  # one validation, at the end: the score
+    config.cmft.train.preview_every = 0
+    train, held_out, train_csv, held_out_csv = demo.write_split(config, workdir)
+    return demo.stage_configs(config, workdir, train_csv, held_out_csv), train, held_out
+
+
+def demo_config(size: str) -> ml_collections.ConfigDict:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_cmfl_demo_config", os.path.join(REPO, "configs", "demo.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(SIZES[size])
+
+
+def _train(name: str, config: ml_collections.ConfigDict, workdir: str, what: str) -> dict:
+    """Train ``config`` with the job ``name`` unless finished; ``{"seconds", "reused"}`` (seconds of its training)."""
+    from cmfl_jax import demo
+
+    record = os.path.join(workdir, "ablation_run.json")
+    if demo.finished(name, config, workdir):
+        seconds = None  # finished by something else than this script
+        if os.path.exists(record):
+            with open(record) as f:
+                seconds = json.load(f)["seconds"]
+        return {"seconds": seconds, "reused": True}
+    log(f"{what}: training {config.train.steps} steps in {workdir}")
+    start = time.perf_counter()
+    demo.run_stage(name, config, workdir)
+    if not demo.finished(name, config, workdir):
+        raise SystemExit(f"{workdir}: stopped before its last step; run the same command to resume")
+    seconds = time.perf_counter() - start
+    with open(record, "w") as f:
+        json.dump({"seconds": seconds}, f)
+    return {"seconds": seconds, "reused": False}
+
+
+def train_cmft(stage: ml_collections.ConfigDict, run: str, workdir: str) -> dict:
+    """The CMFT run ``run`` (``CMFT_RUNS``) in ``workdir``, reused when finished; ``{"seconds", "reused"}``."""
+    config = copy.deepcopy(stage)
+    for path, value in CMFT_RUNS[run].items():
+        set_path(config, path, value)
+    return _train("cmft", config, workdir, f"CMFT {run}")
+
+
+def train_variant(stage: ml_collections.ConfigDict, variant: Variant, workdir: str) -> tuple[dict, dict]:
+    """Train one CMFF variant (reused when finished); (its final held-out metrics, ``{"seconds", "reused"}``)."""
+    from cmfl_jax import checkpoints
+
+    config = copy.deepcopy(stage)
+    for path, value in variant.overrides.items():
+        set_path(config, path, value)
+    if variant.cmft is not None:
+        config.init.cmft_workdir = os.path.join(os.path.dirname(workdir), f"cmft_{variant.cmft}")
+    run = _train("cmff", config, workdir, f"CMFF {variant.name}")
+    manager = checkpoints.make_manager(workdir, None, "final", read_only=True)
+    try:
+        meta = checkpoints.read_meta(manager)
+    finally:
+        manager.close()
+    return meta["val"], run
+
+
+def log(message: str) -> None:
+    print(f"[ablations {datetime.datetime.now():%H:%M:%S}] {message}", flush=True)
+
+
+def _stats(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{np.mean(values):.3f} ± {np.std(values):.3f}"
+
+
+def _paper(values: tuple[float | None, ...]) -> list[str]:
+    return ["–" if v is None else f"{v:.3f}" for v in values]
+
+
+def mean_dice(metrics: dict) -> float:
+    return float(np.mean([metrics[f"dice_{r}"] for r in REGIONS]))
+
+
+def markdown_table(results: dict[str, dict[str, dict]]) -> str:
+    """The paper's layout: Dice ET, WT, TC and average per variant (mean ± std over seeds), paper figures beside.
+
+    ``results``: variant key -> seed (str) -> metrics with ``dice_ET``, ``dice_WT``, ``dice_TC``.
+    """
+    head = ("| Method | Dice ET | Dice WT | Dice TC | Dice avg | paper 2018 ET | WT | TC | avg "
+            "| paper 2017 ET | WT | TC | avg |")
+    lines = [head, "|---" * 13 + "|"]
+    groups = (("Key network branches, initialised by CMFT:", ("s_a", "s_b", "s_a_plus_s_b", "wo_mg", "w_ca")),
+              ("Initialisation and modality pairing:", ("random", "self", "alt_pairing", "ours")))
+    for title, keys in groups:
+        lines.append(f"| *{title}* |" + " |" * 12)
+        for key in keys:
+            if key not in results:
+                continue
+            v, runs = BY_KEY[key], list(results[key].values())
+            ours = [_stats([r[f"dice_{g}"] for r in runs]) for g in REGIONS] + [_stats([mean_dice(r) for r in runs])]
+            lines.append(f"| {v.name} | " + " | ".join(ours + _paper(v.paper_2018) + _paper(v.paper_2017)) + " |")
+    return "\n".join(lines)
+
+
+def claims_markdown(results: dict[str, dict[str, dict]]) -> str:
+    """Each ordering the paper reports (by average Dice), and whether it holds here (seed-mean)."""
+    means = {k: float(np.mean([mean_dice(r) for r in runs.values()])) for k, runs in results.items()}
+    lines = []
+    for better, worse in CLAIMS:
+        if better in means and worse in means:
+            holds = means[better] > means[worse]
+            lines.append(f"- {BY_KEY[better].name} > {BY_KEY[worse].name}: {means[better]:.3f} vs "
+                         f"{means[worse]:.3f}, **{'holds' if holds else 'does not hold'}**")
+    order = sorted(means, key=means.get, reverse=True)
+    paper = sorted((k for k in means if BY_KEY[k].paper_2018[3] is not None),
+                   key=lambda k: BY_KEY[k].paper_2018[3], reverse=True)
+    lines.append("- ranking here (avg Dice): " + " > ".join(BY_KEY[k].name for k in order))
+    lines.append("- ranking in the paper (BraTS 2018): " + " > ".join(BY_KEY[k].name for k in paper))
+    return "\n".join(lines)
+
+
+def write_report(out: str, results: dict[str, dict[str, dict]], settings: dict) -> str:
+    """``<out>/ablations.md`` and ``<out>/ablations.json``; returns the Markdown."""
+    from cmfl_jax.data.io import atomic_path
+
+    os.makedirs(out, exist_ok=True)
+    seeds = settings["seeds"]
+    text = "\n".join([
+        "# Ablations: Tables 2 and 4 of the paper on one budget",
+        "",
+        f"Data: {settings['data']}; {settings['n_train']} subjects train (both phases), the same "
+        f"{settings['n_held_out']} held-out subjects score every variant (final checkpoint, BraTS Dice). "
+        f"U-Net base {settings['base']}, depth {settings['depth']}, {settings['patch']} patches; CMFT "
+        f"{settings['cmft_steps']} steps, CMFF {settings['steps']} steps; seed(s) {', '.join(map(str, seeds))}"
+        + (" (mean ± std over seeds)." if len(seeds) > 1 else "."),
+        f"Command: `{settings['command']}` ({settings['minutes']:.0f} min of training on 2 CPU cores).",
+        "",
+        "Paper figures: Dice on the BraTS 2018 (Table 4) and BraTS 2017 (Table 2) validation sets, for "
+        "reference only: the synthetic data and the budget here are not comparable. Ours_voc (2D VOC weights) "
+        "is left out; the paper gives the alternative pairing's average Dice only.",
+        "",
+        markdown_table(results),
+        "",
+        "The paper's orderings, here:",
+        "",
+        claims_markdown(results),
+        "",
+    ])
+    with atomic_path(os.path.join(out, "ablations.md")) as tmp, open(tmp, "w") as f:
+        f.write(text)
+    with atomic_path(os.path.join(out, "ablations.json")) as tmp, open(tmp, "w") as f:
+        json.dump({"settings": settings, "results": results}, f, indent=2, sort_keys=True)
+    return text
+
+
+def run_ablations(size: str, steps: int, cmft_steps: int, seeds: list[int], out: str, workdir: str,
+                  variants: list[str], data_root: str = "", command: str = "") -> str:
+    """Train every CMFT run and CMFF variant that is not finished yet, then write the report."""
+    start = time.perf_counter()
+    chosen = [BY_KEY[k] for k in variants]
+    results: dict[str, dict[str, dict]] = {v.key: {} for v in chosen}
+    runs: dict[str, dict] = {}
+    budget = os.path.join(workdir, f"{size}-cmft{cmft_steps}-cmff{steps}")
+    for seed in seeds:
+        seed_dir = os.path.join(budget, f"seed{seed}")
+        stages, train, held_out = base_stages(size, steps, cmft_steps, seed, data_root, seed_dir)
+        for name in sorted({v.cmft for v in chosen if v.cmft}):
+            runs[f"seed{seed}/cmft_{name}"] = train_cmft(stages["cmft"], name, os.path.join(seed_dir, f"cmft_{name}"))
+        for v in chosen:
+            metrics, runs[f"seed{seed}/cmff_{v.key}"] = train_variant(stages["cmff"], v,
+                                                                      os.path.join(seed_dir, f"cmff_{v.key}"))
+            results[v.key][str(seed)] = metrics
+            log(f"seed {seed} {v.name}: Dice ET {metrics['dice_ET']:.3f} WT {metrics['dice_WT']:.3f} "
+                f"TC {metrics['dice_TC']:.3f}")
+    c = stages["cmff"]
+    settings = {
+        "size": size, "steps": steps, "cmft_steps": cmft_steps, "seeds": seeds, "variants": variants,
+        "data": data_root or f"built-in synthetic, {c.data.synthetic.n} subjects at "
+                             f"{'x'.join(map(str, c.data.synthetic.shape))}",
+        "n_train": len(train), "n_held_out": len(held_out), "held_out": [s.subject_id for s in held_out],
+        "base": c.model.base, "depth": c.model.depth, "patch": "x".join(map(str, c.data.patch_size)) + "",
+        "command": command, "runs": runs, "minutes": sum(r["seconds"] or 0.0 for r in runs.values()) / 60,
+        "minutes_this_invocation": (time.perf_counter() - start) / 60,
+    }
+    return write_report(out, results, settings)
+
+
+def _setup() -> None:
+    """What ``cmfl_jax.main`` does for a job: INFO logs on stdout, the persistent compilation cache."""
+    import jax
+    from absl import flags, logging
+
+    from cmfl_jax.data.cache import default_cache_dir
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()  # grain reads absl flags; this script has none of its own
+    logging.get_absl_handler().python_handler.stream = sys.stdout
+    logging.set_verbosity(logging.INFO)
+    jax.config.update("jax_compilation_cache_dir", os.path.join(default_cache_dir(), "jax"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", choices=sorted(SIZES), default="cpu-ish")
+    parser.add_argument("--steps", type=int, default=300, help="CMFF steps of every variant")
+    parser.add_argument("--cmft_steps", type=int, default=100, help="steps of every CMFT run")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--variants", nargs="+", default=[v.key for v in VARIANTS], choices=list(BY_KEY))
+    parser.add_argument("--data_root", default="", help="a BraTS folder or CSV ('': the built-in synthetic set)")
+    parser.add_argument("--out", default=os.path.join("experiments", "results"), help="where the table goes")
+    parser.add_argument("--workdir", default=os.path.join("runs", "ablations"), help="where the runs go")
+    args = parser.parse_args(argv)
+    _setup()
+    command = "python -m experiments.ablations " + " ".join(sys.argv[1:] if argv is None else argv)
+    print(run_ablations(args.size, args.steps, args.cmft_steps, args.seeds, args.out, args.workdir, args.variants,
+                        args.data_root, command))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""experiments/ablations.py: the runner at smoke size (CMFT reused, finished runs reused) and its table."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from experiments import ablations
+
+
+def parse_rows(markdown: str) -> dict[str, list[str]]:
+    """Method -> its cells, for the rows of the results table."""
+    rows = {}
+    for line in markdown.splitlines():
+        if line.startswith("| ") and not line.startswith("| Method") and not line.startswith("| *"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+def test_markdown_table_mean_std_and_paper_figures():
+    results = {
+        "ours": {"0": {"dice_ET": 0.5, "dice_WT": 0.8, "dice_TC": 0.6}, "1": {"dice_ET": 0.7, "dice_WT": 0.8,
+                                                                              "dice_TC": 0.6}},
+        "alt_pairing": {"0": {"dice_ET": 0.1, "dice_WT": 0.2, "dice_TC": 0.3}},
+    }
+    rows = parse_rows(ablations.markdown_table(results))
+    assert rows["Ours"][:4] == ["0.600 ± 0.100", "0.800 ± 0.000", "0.600 ± 0.000", "0.667 ± 0.033"]
+    assert rows["Ours"][4:] == ["0.791", "0.903", "0.836", "0.843", "0.757", "0.900", "0.828", "0.828"]
+    assert rows["Ours, pairs (T1, FLAIR) / (T2, T1c)"] == ["0.100", "0.200", "0.300", "0.200", "–", "–", "–",
+                                                           "0.822", "–", "–", "–", "–"]
+    claims = ablations.claims_markdown(results)
+    assert "Ours > Ours, pairs (T1, FLAIR) / (T2, T1c): 0.667 vs 0.200, **holds**" in claims
+
+
+def test_paper_averages_match_their_rows():
+    """The Dice copied from Tables 2 and 4: each row's average is the mean of its ET, WT and TC."""
+    for v in ablations.VARIANTS:
+        for figures in (v.paper_2018, v.paper_2017):
+            if None not in figures:
+                assert abs(sum(figures[:3]) / 3 - figures[3]) <= 0.0015, v.name
+
+
+def test_runner_at_smoke_size(tmp_path):
+    out, work = tmp_path / "out", tmp_path / "runs"
+    args = dict(size="smoke", steps=4, cmft_steps=2, seeds=[0], out=str(out), workdir=str(work),
+                variants=["random", "s_a", "ours"])
+    text = ablations.run_ablations(**args)
+    rows = parse_rows(text)
+    assert set(rows) == {"Ours_random", "S_A", "Ours"}
+    for cells in rows.values():
+        assert all(0.0 <= float(c) <= 1.0 for c in cells[:4])
+    assert (out / "ablations.md").read_text() == text
+    saved = json.loads((out / "ablations.json").read_text())
+    assert set(saved["results"]) == {"random", "s_a", "ours"} and saved["settings"]["n_held_out"] == 1
+    seed_dir = work / "smoke-cmft2-cmff4" / "seed0"
+    assert sorted(os.listdir(seed_dir)) == ["cmff_ours", "cmff_random", "cmff_s_a", "cmft_cycle", "held_out.csv",
+                                            "train.csv"]  # one CMFT run serves S_A and Ours; random needs none
+    assert json.loads((seed_dir / "cmff_s_a" / "config.json").read_text())["model"]["branches"] == "A"
+    assert json.loads((seed_dir / "cmff_ours" / "config.json").read_text())["init"]["cmft_workdir"] == \
+        str(seed_dir / "cmft_cycle")
+
+    again = ablations.run_ablations(**args)  # every run finished: reused, same numbers
+    assert parse_rows(again) == rows
+    runs = json.loads((out / "ablations.json").read_text())["settings"]["runs"]
+    assert sorted(runs) == ["seed0/cmff_ours", "seed0/cmff_random", "seed0/cmff_s_a", "seed0/cmft_cycle"]
+    assert all(r["reused"] and r["seconds"] > 0 for r in runs.values())
