@@ -25,7 +25,7 @@ import optax
 from absl import logging
 from flax.training import train_state
 
-from cmfl_jax import checkpoints
+from cmfl_jax import checkpoints, sharding
 from cmfl_jax.models.init import init_params
 from cmfl_jax.run_log import RunLog
 
@@ -99,13 +99,15 @@ def fit(phase: Phase, dataset, train: ml_collections.ConfigDict, workdir: str, s
     """Run ``phase`` for ``train.steps`` steps, resuming from ``workdir`` when it holds a checkpoint.
 
     Returns the states and the last finished step: ``train.steps``, or less when a SIGTERM/SIGINT stopped
-    the run (its step is saved first, so running the same command again resumes there).
+    the run (its step is saved first, so running the same command again resumes there). The states are
+    replicated over all devices and each batch is split over them (:mod:`cmfl_jax.sharding`).
     """
     if train.fresh and os.path.isdir(os.path.join(workdir, "checkpoints")):
         logging.info("config.train.fresh: removing %s", os.path.join(workdir, "checkpoints"))
         shutil.rmtree(os.path.join(workdir, "checkpoints"))
     manager = checkpoints.make_manager(workdir, train.max_to_keep)
-    states, rng, start = phase.states, jax.random.key(seed), 0
+    mesh = sharding.make_mesh()
+    states, rng, start = sharding.replicate(phase.states, mesh), jax.random.key(seed), 0
     iterator = iter(dataset)
     if manager.latest_step() is not None:
         states, meta = checkpoints.restore(manager, states)
@@ -117,7 +119,7 @@ def fit(phase: Phase, dataset, train: ml_collections.ConfigDict, workdir: str, s
     try:
         with StopRequest() as stop:
             for step in range(start + 1, train.steps + 1):
-                batch = phase.to_batch(next(iterator))
+                batch = sharding.shard_batch(phase.to_batch(next(iterator)), mesh)
                 states, metrics = phase.step_fn(states, batch, jax.random.fold_in(rng, step))
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 if step % train.log_every == 0 or step == train.steps:
