@@ -44,7 +44,7 @@ def train_config(steps: int) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(
         {
             "steps": steps,
-            "batch_size": 1,  # the paper's batch size
+            "batch_size": 1,  # per device (the paper: 1); the global batch is this times jax.device_count()
             "log_every": 10,  # metrics.jsonl / TensorBoard / log line every N steps
             "save_every": 100,  # checkpoint every N steps (and always at the last step)
             "max_to_keep": 3,

@@ -29,7 +29,7 @@ from absl import logging
 from flax import traverse_util
 from flax.training import train_state
 
-from cmfl_jax import checkpoints, losses
+from cmfl_jax import checkpoints, losses, sharding
 from cmfl_jax.classes import NUM_CLASSES, classes_to_labels, labels_to_classes
 from cmfl_jax.data.dataset import load_entries
 from cmfl_jax.data.pairs import pair_channels, split_pairs
@@ -182,9 +182,10 @@ def train_step(states: dict, batch: dict, rng: jax.Array, *, pairing: str, ce_we
     return skip_nonfinite(states, {"seg": state.apply_gradients(grads=grads)}, {"loss": loss, **terms}, grads)
 
 
-def make_train_step(config: ml_collections.ConfigDict):
+def make_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None):
+    """The jitted step (states donated), data parallel over ``mesh`` (default: all devices)."""
     step = functools.partial(train_step, pairing=config.data.pairing, ce_weight=config.cmff.ce_weight)
-    return jax.jit(step, donate_argnums=(0,))
+    return sharding.jit_train_step(step, mesh)
 
 
 def summarise(per_subject: list[dict]) -> dict[str, float]:
@@ -265,6 +266,7 @@ def save_final(workdir: str, states: dict, step: int, val: dict | None) -> None:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Train CMFF on the configured data, validating as configured; returns the final states."""
+    sharding.initialize_distributed(config)
     pair_channels(config.data.pairing)  # fail early on a bad pairing
     if config.init.mode not in INIT_SOURCES:
         raise CMFLError("config.init.mode", f"unknown value {config.init.mode!r}; "
@@ -277,8 +279,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         cmft_checkpoint(config)  # before the data: a missing CMFT run is reported at once
     train_entries, val_entries = _data(config)
     d = config.data
-    dataset = patch_dataset(train_entries, d.patch_size, seed=config.seed, batch_size=config.train.batch_size,
-                            tumour_prob=d.tumour_prob, flip=d.flip, num_workers=d.num_workers)
+    dataset = patch_dataset(train_entries, d.patch_size, seed=config.seed,
+                            batch_size=sharding.host_batch_size(config.train.batch_size), tumour_prob=d.tumour_prob,
+                            flip=d.flip, num_workers=d.num_workers, shard=sharding.data_shard(config))
     states = {"seg": create_state(jax.random.key(config.seed), config, resuming=resuming)}
     validator = Validator(config, val_entries, workdir)
     last_val: dict = {}

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from cmfl_jax import losses
+from cmfl_jax import losses, sharding
 from cmfl_jax.data.dataset import load_entries
 from cmfl_jax.data.pairs import pair_channels, split_pairs
 from cmfl_jax.data.pipeline import patch_dataset
@@ -132,24 +132,27 @@ def train_step(states: dict, batch: dict, rng: jax.Array, *, pairing: str, objec
     return skip_nonfinite({k: states[k] for k in new_states}, new_states, metrics, (grad1, grad2, grad_da, grad_db))
 
 
-def make_train_step(config: ml_collections.ConfigDict):
-    """The jitted step for this config (states donated: updated in place)."""
+def make_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None):
+    """The jitted step for this config (states donated: updated in place), data parallel over ``mesh``
+    (default: all devices; :func:`cmfl_jax.sharding.jit_train_step`)."""
     c = config.cmft
     step = functools.partial(train_step, pairing=config.data.pairing, objective=c.objective,
                              lambda_cycle=c.lambda_cycle, identity_weight=c.identity_weight)
-    return jax.jit(step, donate_argnums=(0,))
+    return sharding.jit_train_step(step, mesh)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Train CMFT on the configured data; returns the final states."""
+    sharding.initialize_distributed(config)
     c = config.cmft
     if c.objective not in GENERATORS:
         raise CMFLError("config.cmft.objective", f"unknown objective {c.objective!r}; choose cycle or self")
     pair_channels(config.data.pairing)  # fail early on a bad pairing
     entries = load_entries(config.data)
     d = config.data
-    dataset = patch_dataset(entries, d.patch_size, seed=config.seed, batch_size=config.train.batch_size,
-                            tumour_prob=d.tumour_prob, flip=d.flip, num_workers=d.num_workers)
+    dataset = patch_dataset(entries, d.patch_size, seed=config.seed,
+                            batch_size=sharding.host_batch_size(config.train.batch_size), tumour_prob=d.tumour_prob,
+                            flip=d.flip, num_workers=d.num_workers, shard=sharding.data_shard(config))
     states = create_states(jax.random.key(config.seed), config)
     preview = jax.jit(functools.partial(translate, objective=c.objective))
 

@@ -26,7 +26,7 @@ import optax
 from absl import logging
 from flax.training import train_state
 
-from cmfl_jax import checkpoints
+from cmfl_jax import checkpoints, sharding
 from cmfl_jax.errors import CMFLError
 from cmfl_jax.models.init import init_params
 from cmfl_jax.run_log import RunLog
@@ -129,14 +129,14 @@ def _check_params_finite(states: dict, step: int) -> None:
             raise CMFLError(f"states[{name!r}]", f"non-finite parameters at step {step}; not saved")
 
 
-def _resume(phase: Phase, manager, iterator, seed: int) -> tuple[dict, jax.Array, int]:
-    """(states, root RNG, step) from the manager's latest checkpoint, the iterator moved to its position;
-    the phase's fresh states, ``key(seed)`` and 0 when there is none."""
+def _resume(name: str, states: dict, manager, iterator, seed: int) -> tuple[dict, jax.Array, int]:
+    """(states, root RNG, step) from the manager's latest checkpoint (restored onto the shardings of
+    ``states``), the iterator moved to its position; ``states``, ``key(seed)`` and 0 when there is none."""
     if manager.latest_step() is None:
-        return phase.states, jax.random.key(seed), 0
-    states, meta = checkpoints.restore(manager, phase.states)
+        return states, jax.random.key(seed), 0
+    states, meta = checkpoints.restore(manager, states)
     iterator.set_state(meta["data"])
-    logging.info("%s: resumed from step %d of %s", phase.name, int(meta["step"]), manager.directory)
+    logging.info("%s: resumed from step %d of %s", name, int(meta["step"]), manager.directory)
     return states, checkpoints.rng_from_json(meta["rng"]), int(meta["step"])
 
 
@@ -144,21 +144,23 @@ def fit(phase: Phase, dataset, train: ml_collections.ConfigDict, workdir: str, s
     """Run ``phase`` for ``train.steps`` steps, resuming from ``workdir`` when it holds a checkpoint.
 
     Returns the states and the last finished step: ``train.steps``, or less when a SIGTERM/SIGINT stopped
-    the run (its step is saved first, so running the same command again resumes there).
+    the run (its step is saved first, so running the same command again resumes there). The states are
+    replicated over all devices and each batch is split over them (:mod:`cmfl_jax.sharding`).
     """
     if train.fresh and os.path.isdir(os.path.join(workdir, "checkpoints")):
         logging.info("config.train.fresh: removing %s", os.path.join(workdir, "checkpoints"))
         shutil.rmtree(os.path.join(workdir, "checkpoints"))
     manager = checkpoints.make_manager(workdir, train.max_to_keep)
+    mesh = sharding.make_mesh()
     iterator = iter(dataset)
     log = None
     try:
-        states, rng, start = _resume(phase, manager, iterator, seed)
+        states, rng, start = _resume(phase.name, sharding.replicate(phase.states, mesh), manager, iterator, seed)
         log = RunLog(workdir, train.steps, start, desc=phase.name, log_every=train.log_every)
         done, nonfinite = start, 0  # nonfinite: updates skipped in a row by the NaN guard
         with StopRequest() as stop:
             for step in range(start + 1, train.steps + 1):
-                batch = phase.to_batch(next(iterator))
+                batch = sharding.shard_batch(phase.to_batch(next(iterator)), mesh)
                 states, metrics = phase.step_fn(states, batch, jax.random.fold_in(rng, step))
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 nonfinite = nonfinite + 1 if metrics.pop("skipped", 0.0) else 0

@@ -17,6 +17,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.job = "cmff"
     config.seed = 0
+    config.distributed = False  # True: jax.distributed.initialize() first; each host reads its share of the data
     config.data = data_config()
     config.model = model_config()
     config.model.branches = "fusion"  # "fusion" (Ours) | "A" | "B" | "A+B" (Table 2)

@@ -16,6 +16,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.job = "cmft"
     config.seed = 0
+    config.distributed = False  # True: jax.distributed.initialize() first; each host reads its share of the data
     config.data = data_config()
     config.model = model_config()
     config.train = train_config(steps=20000)

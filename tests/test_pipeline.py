@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import grain
 import numpy as np
 import pytest
 
@@ -97,6 +98,22 @@ def test_flip_keeps_image_and_label_aligned(entries):
         else:
             raise AssertionError("flipped patch is not a flip of the plain one")
     assert n_flipped > 0
+
+
+def test_host_shards_split_each_global_batch(entries):
+    """Two hosts with 2 patches each per step see, step by step, the 4 patches one host with batch 4 sees."""
+    size, steps = (8, 8, 8), 3
+    whole = take(patch_dataset(entries, size, seed=6, batch_size=4, tumour_prob=0.5), steps)
+    hosts = [take(patch_dataset(entries, size, seed=6, batch_size=2, tumour_prob=0.5,
+                                shard=grain.sharding.ShardOptions(i, 2)), steps) for i in range(2)]
+
+    def patches(batch):
+        return sorted((int(s), tuple(c), float(img.sum())) for s, c, img in
+                      zip(batch["subject_index"], batch["centre"], batch["image"], strict=True))
+
+    for step in range(steps):
+        assert patches(hosts[0][step]) != patches(hosts[1][step])
+        assert sorted(patches(hosts[0][step]) + patches(hosts[1][step])) == patches(whole[step])
 
 
 def test_crop_centered_reads_window():

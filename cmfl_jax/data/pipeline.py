@@ -4,7 +4,9 @@ One element per step: a subject drawn by a seeded shuffle that repeats for ever,
 patch whose centre voxel is a tumour voxel with probability ``tumour_prob`` (1.0 is the
 paper's "patches sampled within the tumour area"), else any brain voxel. The patch is
 centred exactly on that voxel; whatever falls outside the volume is zero (background after
-z-scoring), which also pads volumes smaller than the patch. The iterator's state
+z-scoring), which also pads volumes smaller than the patch. With several hosts each takes every
+``shard_count``-th patch of that one stream (``shard``), so the hosts together see what one host would.
+The iterator's state
 (``get_state``/``set_state``) goes into checkpoints, so a resumed run continues the same
 sequence of patches.
 """
@@ -82,8 +84,13 @@ def patch_dataset(
     tumour_prob: float = 1.0,
     flip: bool = False,
     num_workers: int = 0,
+    shard: grain.sharding.ShardOptions | None = None,
 ) -> grain.IterDataset:
-    """An endless, seeded ``IterDataset`` of batched patches (leading batch axis on every field)."""
+    """An endless, seeded ``IterDataset`` of batched patches (leading batch axis on every field).
+
+    ``shard`` (e.g. ``grain.sharding.ShardByJaxProcess()``) keeps this host's elements: the patch stream is
+    sliced after the random crop, so each patch is the same whichever host draws it.
+    """
     if not entries:
         raise CMFLError(None, "no subjects to sample patches from")
     if len(patch_size) != 3 or any(int(p) != p or p < 1 for p in patch_size):
@@ -99,9 +106,11 @@ def patch_dataset(
         .shuffle()
         .repeat()
         .random_map(PatchSampler(patch_size, tumour_prob, flip))
-        .to_iter_dataset()  # batched as an IterDataset: a MapDataset of endless length cannot be batched
-        .batch(batch_size)
     )
+    if shard is not None and shard.shard_count > 1:
+        ds = ds[shard.shard_index :: shard.shard_count]
+    # Batched as an IterDataset: a MapDataset of endless length cannot be batched.
+    ds = ds.to_iter_dataset().batch(batch_size)
     if num_workers > 0:
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
     return ds
