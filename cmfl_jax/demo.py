@@ -31,6 +31,7 @@ from cmfl_jax.data.io import atomic_path
 from cmfl_jax.data.layouts import MODALITIES, Subject, discover
 from cmfl_jax.data.splits import split_subjects
 from cmfl_jax.errors import CMFLError
+from cmfl_jax.run_log import format_seconds
 
 # Stage -> the module whose ``run(config, workdir)`` does it (the jobs of ``cmfl_jax.main``), in order.
 JOB_MODULES = {"cmft": "cmfl_jax.train_cmft", "cmff": "cmfl_jax.train_cmff", "predict": "cmfl_jax.predict",
@@ -161,10 +162,6 @@ def run_stages(stages: dict[str, ml_collections.ConfigDict], workdir: str) -> di
     return report
 
 
-def _fmt_seconds(s: float) -> str:
-    return f"{int(s) // 60}m{int(s) % 60:02d}s"
-
-
 def summary_text(config: ml_collections.ConfigDict, workdir: str, stages: dict[str, ml_collections.ConfigDict],
                  report: dict[str, dict], n_train: int, held_out: list[Subject], wall: float) -> str:
     """The demo's one summary (Markdown): where every output is, how long each stage took, the metrics table."""
@@ -176,7 +173,7 @@ def summary_text(config: ml_collections.ConfigDict, workdir: str, stages: dict[s
     shape = "x".join(str(s) for s in config.data.synthetic.shape)
     data = root if config.data.root else f"built-in synthetic, {config.data.synthetic.n} subjects at {shape}: {root}"
     m, c, f = config.model, stages["cmff"], stages["cmft"]
-    took = ", ".join(f"{name} {_fmt_seconds(r['seconds'])}{' (reused)' if r['reused'] else ''}"
+    took = ", ".join(f"{name} {format_seconds(r['seconds'])}{' (reused)' if r['reused'] else ''}"
                      for name, r in report.items())
     best_line = (f"best step {best['step']}, validation mean Dice {best['val']['dice_mean']:.4f}" if best
                  else "no best checkpoint")
@@ -195,7 +192,7 @@ def summary_text(config: ml_collections.ConfigDict, workdir: str, stages: dict[s
         f"- evaluation: `{d['evaluate']}` (evaluation_summary.md/.csv, evaluation_per_subject.csv, "
         "evaluation_boxplot.png)",
         f"- export bundle: `{os.path.join(d['export'], 'bundle')}`",
-        f"- time: {_fmt_seconds(wall)} this run ({took})",
+        f"- time: {format_seconds(wall)} this run ({took})",
         "",
         f"Held-out subjects ({len(held_out)}), BraTS metrics in the paper's layout (HD95 in mm of the label's "
         "voxel spacing):",

@@ -34,7 +34,8 @@ def _truncate_jsonl(path: str, last_step: int) -> None:
     os.replace(tmp, path)
 
 
-def _fmt_seconds(s: float) -> str:
+def format_seconds(s: float) -> str:
+    """``4m07s`` / ``1h05m`` (``?`` for an unknown ETA): durations in log lines and summaries."""
     if not math.isfinite(s):
         return "?"
     s = int(s)
@@ -79,7 +80,7 @@ class RunLog:
         elif step % self.log_every == 0 or step == self.total:
             losses = " ".join(f"{k}={v}" for k, v in short.items())
             logging.info("%s step %d/%d %s | %.3g steps/s | ETA %s", self.desc, step, self.total, losses, rate,
-                         _fmt_seconds(eta))
+                         format_seconds(eta))
 
     def close(self) -> None:
         if self.bar is not None:

@@ -6,9 +6,8 @@ paper's "patches sampled within the tumour area"), else any brain voxel. The pat
 centred exactly on that voxel; whatever falls outside the volume is zero (background after
 z-scoring), which also pads volumes smaller than the patch. With several hosts each takes every
 ``shard_count``-th patch of that one stream (``shard``), so the hosts together see what one host would.
-The iterator's state
-(``get_state``/``set_state``) goes into checkpoints, so a resumed run continues the same
-sequence of patches.
+The iterator's state (``get_state``/``set_state``) goes into checkpoints, so a resumed run continues
+the same sequence of patches.
 """
 
 from __future__ import annotations
