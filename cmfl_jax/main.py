@@ -42,12 +42,14 @@ def _quiet_libraries(record) -> bool:
 
 
 def _enable_compilation_cache() -> None:
-    """Persist XLA compilations (a 3D U-Net step takes ~1 min to compile on CPU) across runs and resumes."""
+    """Persist XLA compilations (a 3D U-Net step takes ~1 min to compile on CPU) across runs and resumes:
+    under the cache folder, unless JAX's own ``JAX_COMPILATION_CACHE_DIR`` names another (the tests share one)."""
     import jax
 
     from cmfl_jax.data.cache import default_cache_dir
 
-    jax.config.update("jax_compilation_cache_dir", os.path.join(default_cache_dir(), "jax"))
+    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        jax.config.update("jax_compilation_cache_dir", os.path.join(default_cache_dir(), "jax"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
@@ -77,8 +79,8 @@ def _run(argv: list[str]) -> None:
 
 
 def _fail(message: str) -> NoReturn:
-    """One line on stderr, exit status 2. ``os._exit``: a failed Orbax restore leaves tensorstore callbacks that
-    print "Event loop is closed" tracebacks during interpreter shutdown; every file is already closed here."""
+    """One line on stderr, exit status 2. ``os._exit``, not ``sys.exit``: every file this run wrote is closed by
+    now, and threads a failed Orbax/tensorstore read left winding down cannot print after the one line."""
     print(f"cmfl_jax: error: {message}", file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()
@@ -131,38 +133,38 @@ def main(argv: list[str]) -> None:
     fresh_config = not os.path.exists(os.path.join(workdir, "config.json"))
     try:
         _run(argv)
-    except CMFLError as e:
-        _undo_config(workdir, fresh_workdir, fresh_config)
-        if FLAGS.verbose:
-            raise
-        _fail(str(e))
     except Exception as e:
-        disk = _disk_error(e)
-        if disk is None:
+        error = e if isinstance(e, CMFLError) else _disk_error(e, workdir)
+        if error is None:
             raise
         _undo_config(workdir, fresh_workdir, fresh_config)
         if FLAGS.verbose:
             raise
-        where = disk.filename or workdir
-        _fail(f"{where}: {disk.strerror or disk} (errno {errno.errorcode.get(disk.errno, disk.errno)}); every "
-              f"output is written atomically, so nothing half-written was kept: free space and run the same "
-              f"command again (training resumes from its last checkpoint)")
+        _fail(str(error))
 
 
 DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
 
 
-def _disk_error(e: BaseException | None) -> OSError | None:
-    """The out-of-space (or read-only, quota) OSError behind ``e``, if any: Orbax's writer threads wrap it."""
+def _disk_error(e: BaseException, workdir: str) -> CMFLError | None:
+    """The out-of-space (or read-only, quota) OSError behind ``e`` as a one-line error, or None if there is none.
+
+    Orbax's writer threads wrap it, and tensorstore (its array writer) reports it only as text.
+    """
     seen = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
         if isinstance(e, OSError) and e.errno in DISK_ERRNOS:
-            return e
-        if "No space left on device" in str(e):  # tensorstore (Orbax's array writer) reports it as text
-            return OSError(errno.ENOSPC, str(e).strip().splitlines()[0])
+            where, problem = e.filename or workdir, f"{e.strerror or e} (errno {errno.errorcode[e.errno]})"
+            break
+        if "No space left on device" in str(e):
+            where, problem = workdir, f"{str(e).strip().splitlines()[0]} (errno ENOSPC)"
+            break
         e = e.__cause__ or e.__context__
-    return None
+    else:
+        return None
+    return CMFLError(where, f"{problem}; every output is written atomically, so nothing half-written was kept: "
+                            f"free space and run the same command again (training resumes from its last checkpoint)")
 
 
 def _undo_config(workdir: str, fresh_workdir: bool, fresh_config: bool) -> None:

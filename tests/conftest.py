@@ -15,8 +15,11 @@ from cmfl_jax.data.layouts import Subject, subject_file_paths, to_dataset
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_SHAPE = (20, 22, 24)
 
-# Identical computations compiled by several tests (or CI runs) are compiled once.
-jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.expanduser("~"), ".cache", "cmfl_jax", "jax_tests"))
+# Identical computations compiled by several tests (or CI runs) are compiled once, in this process and in
+# the CLI subprocesses (which inherit the variable; their data caches stay private per test).
+COMPILE_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "cmfl_jax", "jax_tests")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", COMPILE_CACHE)
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 # grain's worker processes read absl flags; under pytest nobody parses them.
