@@ -522,7 +522,7 @@ def devices_table(records: list[dict[str, Any]]) -> str:
                  "batch split over the devices, states replicated, global batch = devices x 1. The devices are "
                  "forced host devices (XLA_FLAGS=--xla_force_host_platform_device_count=N) sharing the same CPU "
                  "cores: this shows that the sharded step runs and what its overhead is, not a speed-up. "
-                 "XLA column: temp + argument + output - aliased (donated) bytes of the compiled step.")
+                 "XLA column: temp + argument + output - aliased (donated) bytes of the compiled step, per device.")
     return "\n".join(lines)
 
 
