@@ -18,7 +18,13 @@ format at that size. The goal: a JAX train step at or below PyTorch's on CPU.
     .venv/bin/python -m experiments.benchmark [--sizes 64 128] [--impls native cpu_fast]
         [--dtypes float32 bfloat16] [--repeats 5] [--no-torch] [--out experiments/results/benchmark.json]
 
-PyTorch comes from ``pip install -r requirements-bench.txt``. More suites (``--suite``) plug in through
+Suite ``devices``: the real CMFF train step (``cmfl_jax.train_cmff.make_train_step``: S_A, S_B, fusion branch,
+mask-guided attention, random init) data parallel over ``--devices`` N forced host devices
+(``XLA_FLAGS=--xla_force_host_platform_device_count=N``, one subprocess each), global batch N x 1; steps/s,
+peak RSS and XLA's buffer sizes. ``--devices 1 --sizes 128`` measures the memory of the paper's setting.
+
+PyTorch comes from ``pip install -r requirements-bench.txt``. Every run writes its table next to the JSON
+(``.md``). More suites (``--suite``) plug in through
 ``SUITES`` (case list + table) and ``RUNNERS`` (one function per case kind, run in the child).
 """
 
@@ -309,10 +315,75 @@ def run_monai_volume(case: dict[str, Any]) -> dict[str, Any]:
             "peak_rss_mib": peak_rss_mib()}
 
 
+def cmff_step_inputs(case: dict[str, Any], mesh: Any) -> tuple[Any, dict, dict]:
+    """(config, states replicated on ``mesh``, batch of ``mesh.size`` random patches split over it) for a CMFF step."""
+    import jax
+
+    from cmfl_jax import sharding
+    from cmfl_jax.train_cmff import create_state
+    from configs import cmff
+
+    config = cmff.get_config()  # branches="fusion", attention="mask": the paper's network
+    config.init.mode = "random"
+    config.data.patch_size = (case["size"],) * 3
+    config.model.base, config.model.depth = case["base"], case["depth"]
+    config.model.conv_impl, config.model.dtype = case["impl"], case["dtype"]
+    n, size = mesh.size * config.train.batch_size, case["size"]
+    rng = np.random.default_rng(case["seed"])
+    batch = {"image": rng.standard_normal((n, size, size, size, 4), dtype=np.float32),
+             "label": rng.choice(np.array([0, 1, 2, 4], np.uint8), size=(n, size, size, size))}
+    states = {"seg": create_state(jax.random.key(case["seed"]), config)}
+    return config, sharding.replicate(states, mesh), sharding.shard_batch(batch, mesh)
+
+
+def run_jax_cmff_devices(case: dict[str, Any]) -> dict[str, Any]:
+    """The CMFF train step on all devices of this process (the parent forced ``case["devices"]`` host devices).
+
+    ``repeats`` 0: compile only, for XLA's memory estimate of a step too slow to run here (``native`` at 128^3).
+    """
+    import jax
+
+    from cmfl_jax import sharding
+    from cmfl_jax.train_cmff import make_train_step
+
+    if jax.device_count() != case["devices"]:
+        raise RuntimeError(f"expected {case['devices']} devices, JAX has {jax.device_count()}")
+    baseline = current_rss_mib()
+    mesh = sharding.make_mesh()
+    config, states, batch = cmff_step_inputs(case, mesh)
+    rng = jax.random.key(0)
+    t0 = time.perf_counter()
+    compiled = make_train_step(config, mesh).lower(states, batch, rng).compile()
+    compile_s = time.perf_counter() - t0
+    global_batch = int(batch["image"].shape[0])
+    record = {
+        "device_count": jax.device_count(),
+        "global_batch": global_batch,
+        "batch_devices": len(batch["image"].sharding.device_set),
+        "baseline_rss_mib": baseline,
+        "compile_train_s": compile_s,
+        "xla_train_memory": _memory_analysis(compiled),
+        "train": None,
+    }
+    if case["repeats"] > 0:
+        holder, losses = {"states": states}, []
+
+        def train_once():
+            holder["states"], metrics = compiled(holder["states"], batch, rng)
+            losses.append(float(jax.block_until_ready(metrics)["loss"]))
+
+        train = measure(train_once, case["repeats"], case.get("warmup", 1))
+        record.update(train=train, steps_per_s=1.0 / train["median_s"], samples_per_s=global_batch / train["median_s"],
+                      loss_first=losses[0], loss_last=losses[-1])
+    return {**record, "peak_rss_mib": peak_rss_mib()}
+
+
 Runner = Callable[[dict[str, Any]], dict[str, Any]]
 RUNNERS: dict[str, Runner] = {"jax_unet": run_jax_unet, "torch_unet": run_torch_unet,
-                              "jax_volume": run_jax_volume, "monai_volume": run_monai_volume}
-FRAMEWORK = {"jax_unet": "jax", "torch_unet": "torch", "jax_volume": "jax", "monai_volume": "torch"}
+                              "jax_volume": run_jax_volume, "monai_volume": run_monai_volume,
+                              "jax_cmff_devices": run_jax_cmff_devices}
+FRAMEWORK = {"jax_unet": "jax", "torch_unet": "torch", "jax_volume": "jax", "monai_volume": "torch",
+             "jax_cmff_devices": "jax"}
 
 
 # --------------------------------------------------------------------------------------------------- suites
@@ -417,7 +488,46 @@ def volume_table(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-SUITES = {"unet": Suite(unet_cases, unet_table), "volume": Suite(volume_cases, volume_table)}
+def devices_cases(args: argparse.Namespace, with_torch: bool) -> list[dict[str, Any]]:
+    """Per size, conv_impl and dtype: the CMFF step on each of ``--devices`` forced host device counts."""
+    del with_torch
+    common = dict(base=args.base, depth=args.depth, repeats=args.repeats, warmup=args.warmup, seed=args.seed)
+    return [dict(kind="jax_cmff_devices", devices=n, size=size, impl=impl, dtype=dtype, **common)
+            for size in args.sizes for impl in args.impls for dtype in args.dtypes for n in args.devices]
+
+
+def _mib(memory: dict[str, float] | None) -> str:
+    if not memory:
+        return "-"
+    return f"{memory['temp_mib'] + memory['argument_mib'] + memory['output_mib'] - memory['alias_mib']:.0f}"
+
+
+def devices_table(records: list[dict[str, Any]]) -> str:
+    """Markdown table of the devices suite: steps/s and samples/s of the CMFF step per device count."""
+    head = ["size", "base/depth", "impl", "dtype", "devices", "global batch", "compile s", "step s (median)",
+            "steps/s", "samples/s", "peak RSS MiB", "XLA temp+args+out MiB"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in records:
+        cells = [f"{r['size']}^3", f"{r['base']}/{r['depth']}", r["impl"], r["dtype"], str(r["devices"])]
+        if r.get("status") == "ok":
+            timed = r["train"] is not None  # else compile only
+            cells += [str(r["global_batch"]), _num(r["compile_train_s"]),
+                      _num(r["train"]["median_s"]) if timed else "(not run)", _num(r.get("steps_per_s")),
+                      _num(r.get("samples_per_s")), f"{r['peak_rss_mib']:.0f}", _mib(r.get("xla_train_memory"))]
+        else:
+            cells += ["FAILED: " + r.get("error", "")[:60]] + ["-"] * 6
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("CMFF train step (S_A + S_B + fusion branch with mask-guided attention, Adam), data parallel: "
+                 "batch split over the devices, states replicated, global batch = devices x 1. The devices are "
+                 "forced host devices (XLA_FLAGS=--xla_force_host_platform_device_count=N) sharing the same CPU "
+                 "cores: this shows that the sharded step runs and what its overhead is, not a speed-up. "
+                 "XLA column: temp + argument + output - aliased (donated) bytes of the compiled step, per device.")
+    return "\n".join(lines)
+
+
+SUITES = {"unet": Suite(unet_cases, unet_table), "volume": Suite(volume_cases, volume_table),
+          "devices": Suite(devices_cases, devices_table)}
 
 
 # --------------------------------------------------------------------------------------------------- processes
@@ -452,9 +562,14 @@ def child_main(case_json: str) -> int:
 def run_case_subprocess(case: dict[str, Any], timeout: float) -> dict[str, Any]:
     """Run one case in a fresh ``python -m experiments.benchmark --case`` process; a crash is a failed record."""
     cmd = [sys.executable, "-m", "experiments.benchmark", "--case", json.dumps(case)]
+    env = dict(os.environ)
+    if "devices" in case:  # forced host devices: the count is fixed when JAX starts
+        flags = [f for f in env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
+        env["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={case['devices']}"])
+        env["JAX_PLATFORMS"] = "cpu"
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         return {**case, "status": "failed", "error": f"timed out after {timeout:.0f} s", "wall_s": timeout}
     record = None
@@ -511,6 +626,8 @@ def machine_info(torch_ver: str | None) -> dict[str, Any]:
 
 
 def describe(case: dict[str, Any]) -> str:
+    if "devices" in case:
+        return f"{case['size']}^3 cmff {case['impl']} {case['dtype']} on {case['devices']} devices"
     if case["kind"].endswith("_volume"):
         return f"volume {FRAMEWORK[case['kind']]} {case['impl']} mirror={case['mirror']}"
     return f"{case['size']}^3 {FRAMEWORK[case['kind']]} {case['impl']} {case['dtype']}"
@@ -522,6 +639,11 @@ def summary(record: dict[str, Any], ref: dict[str, Any] | None) -> str:
         return f"FAILED after {record['wall_s']:.0f} s: {record['error']}"
     if "volume" in record:
         return f"{record['volume']['median_s']:.3g} s per subject, peak {record['peak_rss_mib']:.0f} MiB"
+    if record.get("kind") == "jax_cmff_devices" and record["train"] is None:
+        return f"compiled in {record['compile_train_s']:.3g} s, XLA {_mib(record['xla_train_memory'])} MiB"
+    if "steps_per_s" in record:
+        return (f"{record['steps_per_s']:.3g} steps/s, compile {record['compile_train_s']:.3g} s, peak "
+                f"{record['peak_rss_mib']:.0f} MiB (case {record['wall_s']:.0f} s)")
     text = (f"train {record['train']['median_s']:.3g} s, forward {record['forward']['median_s']:.3g} s, "
             f"peak {record['peak_rss_mib']:.0f} MiB")
     if record["compile_train_s"] is not None:
@@ -552,6 +674,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5, help="timed calls after the warm-up (fewer at 128^3 and up)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls before the timed ones")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--devices", type=int, nargs="+", default=[1, 2, 4],
+                        help="devices suite: forced host device counts, one subprocess each")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparator")
     parser.add_argument("--case-timeout", type=float, default=3600.0, help="seconds before a case counts as failed")
     parser.add_argument("--out", default=DEFAULT_OUT, help="JSON file of all raw numbers")
@@ -561,8 +685,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         bad = [s for s in args.sizes if s % 2**args.depth]
         if bad:
             parser.error(f"sizes {bad} are not multiples of 2**depth = {2**args.depth}")
-        if args.repeats < 1 or args.warmup < 0:
-            parser.error("--repeats must be at least 1 and --warmup at least 0")
+        if args.repeats < (0 if args.suite == "devices" else 1) or args.warmup < 0:
+            parser.error("--repeats must be at least 1 (devices suite: 0 = compile only) and --warmup at least 0")
     return args
 
 
@@ -589,14 +713,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{i}/{len(cases)}] {describe(case)} ...", flush=True)
         record = run_case_subprocess(case, args.case_timeout)
         payload["records"].append(record)
-        ref = torch_references(payload["records"]).get((case["size"], case["base"], case["depth"]))
+        ref = torch_references(payload["records"]).get((case.get("size"), case["base"], case["depth"]))
         print(f"[{i}/{len(cases)}] {describe(case)}: {summary(record, ref)}", flush=True)
         write_json(args.out, payload)  # after every case: a run cut short keeps what it measured
     payload["references"] = {f"{k[0]}^3": r["memory_format"] for k, r in torch_references(payload["records"]).items()}
     write_json(args.out, payload)
+    table = suite.table(payload["records"])
+    table_path = os.path.splitext(args.out)[0] + ".md"
+    with open(table_path + ".tmp", "w") as f:
+        f.write(f"`{' '.join(['python -m experiments.benchmark', *payload['argv']])}` ({payload['started']}, "
+                f"{machine['cpu_model'] or machine['processor']}, {machine['cpus_usable']} cpus, "
+                f"jax {machine['jax']})\n\n{table}\n")
+    os.replace(table_path + ".tmp", table_path)
     print()
-    print(suite.table(payload["records"]))
-    print(f"\nwrote {args.out}")
+    print(table)
+    print(f"\nwrote {args.out} and {table_path}")
     return 0
 
 

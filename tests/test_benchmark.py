@@ -81,3 +81,17 @@ def test_volume_table_gives_seconds_per_subject_and_ratio_to_monai():
     assert rows[2] == "| torch | monai | no | - | 60 | 1000 | 1.00 |"
     assert rows[3] == "| jax | cpu_fast | no | 5 | 45 | 1000 | 0.75 |"
     assert rows[4] == "| jax | cpu_fast | 8 flips | 5 | 360 | 1000 | 6.00 |"
+
+
+def test_devices_case_runs_on_forced_host_devices():
+    case = dict(kind="jax_cmff_devices", devices=2, size=16, base=2, depth=2, impl="native", dtype="float32",
+                repeats=1, warmup=0, seed=0)
+    record = benchmark.run_case_subprocess(case, timeout=300)
+    assert record["status"] == "ok", record.get("error")
+    assert record["device_count"] == record["batch_devices"] == 2 and record["global_batch"] == 2
+    assert record["steps_per_s"] == pytest.approx(1 / record["train"]["median_s"])
+    assert record["samples_per_s"] == pytest.approx(2 * record["steps_per_s"])
+    assert np.isfinite(record["loss_first"]) and record["xla_train_memory"]["temp_mib"] > 0
+    rows = benchmark.devices_table([record, {**case, "devices": 4, "status": "failed", "error": "OOM"}]).splitlines()
+    assert rows[2].startswith("| 16^3 | 2/2 | native | float32 | 2 | 2 |")
+    assert "FAILED: OOM" in rows[3] and "not a speed-up" in rows[-1]
