@@ -81,7 +81,9 @@ def test_missing_root_and_unknown_job(tmp_path):
 
 
 def test_cmft_smoke_config_end_to_end(tmp_path):
-    """configs/cmft.py:smoke on the built-in data: checkpoint, metrics, previews; a rerun resumes."""
+    """configs/cmft.py:smoke on the built-in data: checkpoint, metrics, previews; CMFF starts from it.
+
+    Resuming through the CLI is tests/test_crash_resume.py's and test_preemption.py's."""
     args = ("--config=configs/cmft.py:smoke", f"--workdir={tmp_path / 'w'}")
     r = run_cli(*args, cache=tmp_path / "cache", timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -90,17 +92,13 @@ def test_cmft_smoke_config_end_to_end(tmp_path):
     assert sorted(os.listdir(tmp_path / "w" / "checkpoints")) == ["3", "6"]
     assert sorted(os.listdir(tmp_path / "w" / "previews")) == ["cmft_0000003.png", "cmft_0000006.png"]
     assert os.listdir(tmp_path / "w" / "tensorboard")
-    again = run_cli(*args, "--config.train.steps=7", cache=tmp_path / "cache", timeout=600)
-    assert again.returncode == 0, again.stderr[-2000:]
-    assert "resumed from step 6" in again.stdout
-    assert [json.loads(x)["step"] for x in open(tmp_path / "w" / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6, 7]
     # Phase 2 from that CMFT run: generators grafted, validation, best/latest/final checkpoints.
     seg = tmp_path / "seg"
     cmff = run_cli("--config=configs/cmff.py:smoke", f"--workdir={seg}", "--config.init.mode=cmft",
                    f"--config.init.cmft_workdir={tmp_path / 'w'}", cache=tmp_path / "cache", timeout=600)
     assert cmff.returncode == 0, cmff.stderr[-2000:]
-    assert "init: S_A <- g_ab" in cmff.stdout and "from step 7" not in cmff.stdout
-    assert "cmft/checkpoints/7" in cmff.stdout.replace(str(tmp_path / "w"), "cmft")
+    assert "init: S_A <- g_ab" in cmff.stdout and "from step 6" not in cmff.stdout
+    assert "cmft/checkpoints/6" in cmff.stdout.replace(str(tmp_path / "w"), "cmft")
     records = [json.loads(x) for x in open(seg / "metrics.jsonl")]
     assert [r["step"] for r in records if "val/dice_WT" in r] == [3, 6]
     assert all(0.0 <= r["val/dice_WT"] <= 1.0 for r in records if "val/dice_WT" in r)

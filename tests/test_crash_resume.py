@@ -1,11 +1,12 @@
 """Crash-exact resume: kill -9 a CMFT and a CMFF smoke run, rerun the same command, get the uninterrupted run.
 
-Trials per phase: a kill at a random step (seeded, so a failure is reproducible) with a half-written
-later checkpoint put beside the last finished one, and a kill while a checkpoint is being written (the
-test polls for Orbax's temporary folder and kills the moment it appears). After each, the same command
-runs again to the end. The final params must equal an uninterrupted run's within 1e-6; every step's
-loss must equal the uninterrupted run's at that step (the same patch was drawn: the data order neither
-repeats nor skips); ``metrics.jsonl`` holds each step once; a half-written checkpoint is ignored.
+One trial per phase (each a kill plus a rerun beside one uninterrupted reference run; CI time bounds it):
+CMFT is killed at a random step (seeded, so a failure is reproducible) and a half-written later checkpoint
+is put beside the last finished one; CMFF is killed while a checkpoint is being written (the test polls
+for Orbax's temporary folder and kills the moment it appears). After each, the same command runs again
+to the end. The final params must equal the uninterrupted run's within 1e-6; every step's loss must
+equal the uninterrupted run's at that step (the same patch was drawn: the data order neither repeats
+nor skips); ``metrics.jsonl`` holds each step once; a half-written checkpoint is ignored and removed.
 """
 
 from __future__ import annotations
@@ -104,11 +105,8 @@ def kill_during_save(phase, workdir, cache):
     return seen
 
 
-@pytest.fixture(scope="module", params=sorted(PHASES))
-def reference(request, tmp_path_factory):
-    """An uninterrupted run of each phase (the compile cache it fills is shared with the trials)."""
-    phase = request.param
-    base = tmp_path_factory.mktemp(f"crash_{phase}")
+def reference_run(phase, base):
+    """An uninterrupted run under ``base`` (its compile cache is shared with the trial there)."""
     run_to_end(phase, base / "reference", base / "cache", save_every=2)
     return phase, base, final_params(phase, base / "reference"), losses_by_step(base / "reference")
 
@@ -133,9 +131,10 @@ def _leaves(tree):
         yield np.asarray(tree)
 
 
-def test_kill_at_a_random_step_then_resume_past_a_half_written_checkpoint(reference):
+def test_cmft_killed_at_a_random_step_resumes_past_a_half_written_checkpoint(tmp_path):
     """The kill leaves the last finished checkpoint; a truncated copy of a later step in Orbax's tmp naming
     (what a kill inside a save leaves) is put beside it and must be ignored and removed."""
+    reference = reference_run("cmft", tmp_path)
     phase, base, _, _ = reference
     workdir = base / "killed_at_step"
     step = random.Random(f"{phase}-kill").randint(4, STEPS - 1)
@@ -151,7 +150,8 @@ def test_kill_at_a_random_step_then_resume_past_a_half_written_checkpoint(refere
     assert_same_as_reference(reference, workdir)
 
 
-def test_kill_during_a_checkpoint_save_then_resume(reference):
+def test_cmff_killed_during_a_checkpoint_save_resumes(tmp_path):
+    reference = reference_run("cmff", tmp_path)
     phase, base, _, _ = reference
     workdir = base / "killed_in_save"
     left = kill_during_save(phase, workdir, base / "cache")

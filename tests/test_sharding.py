@@ -22,8 +22,7 @@ LR = 1e-4  # the smoke configs' Adam learning rates (cmft.g_lr, cmft.d_lr, cmff.
 
 
 def _env(devices: int, tmp) -> dict:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", CMFL_JAX_CACHE=str(tmp / "cache"),
-               JAX_COMPILATION_CACHE_DIR=os.path.join(os.path.expanduser("~"), ".cache", "cmfl_jax", "jax_tests"))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", CMFL_JAX_CACHE=str(tmp / "cache"))  # conftest's XLA flags, cache
     flags = [f for f in env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
     env["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={devices}"])
     return env
