@@ -11,7 +11,7 @@ step, the same numbers as without a mesh.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import grain
@@ -85,3 +85,11 @@ def data_shard(config: ml_collections.ConfigDict) -> grain.sharding.ShardOptions
     if config.get("distributed", False):
         return grain.sharding.ShardByJaxProcess()
     return grain.sharding.NoSharding()
+
+
+def forced_host_devices_env(devices: int, env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` for a child process whose CPU backend has ``devices`` devices (``XLA_FLAGS`` keeps its other
+    flags): the device count is fixed when JAX starts, so tests and benchmarks set it per subprocess."""
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
+    return {**env, "JAX_PLATFORMS": "cpu",
+            "XLA_FLAGS": " ".join([*flags, f"--xla_force_host_platform_device_count={devices}"])}

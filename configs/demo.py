@@ -2,8 +2,9 @@
 
   python -m cmfl_jax.main --config=configs/demo.py --workdir=runs/demo
 On the built-in synthetic data by default (``--config.data.root=/data/BraTS2018`` for real data). Variants:
-the default (a CPU-sized run: 7 min 18 s on 2 shared CPU cores from a cold start, compilation cache empty and
-data not yet generated; held-out Dice ET 0.72, WT 0.91, TC 0.87), ``:smoke`` (~50 s, for CI),
+the default (a CPU-sized run: 4 min 50 s on 2 CPU cores from a cold start, compilation cache empty and data
+not yet generated, 5 min 22 s with a fresh install; held-out Dice ET 0.73, WT 0.90, TC 0.87), ``:smoke``
+(~50 s, for CI),
 ``:full`` (the paper's settings: 128^3 patches, base 16, depth 4, 20000 steps per phase; a GPU/TPU job).
 
 Each stage's settings come from its own config file (``configs/<job>.py``, the same variant); the data set,

@@ -563,10 +563,10 @@ def run_case_subprocess(case: dict[str, Any], timeout: float) -> dict[str, Any]:
     """Run one case in a fresh ``python -m experiments.benchmark --case`` process; a crash is a failed record."""
     cmd = [sys.executable, "-m", "experiments.benchmark", "--case", json.dumps(case)]
     env = dict(os.environ)
-    if "devices" in case:  # forced host devices: the count is fixed when JAX starts
-        flags = [f for f in env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
-        env["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={case['devices']}"])
-        env["JAX_PLATFORMS"] = "cpu"
+    if "devices" in case:
+        from cmfl_jax.sharding import forced_host_devices_env
+
+        env = forced_host_devices_env(case["devices"], env)
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)

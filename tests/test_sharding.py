@@ -14,6 +14,8 @@ import sys
 
 import numpy as np
 
+from cmfl_jax.sharding import forced_host_devices_env
+
 from .conftest import REPO
 
 DEVICES = 4
@@ -22,10 +24,8 @@ LR = 1e-4  # the smoke configs' Adam learning rates (cmft.g_lr, cmft.d_lr, cmff.
 
 
 def _env(devices: int, tmp) -> dict:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", CMFL_JAX_CACHE=str(tmp / "cache"))  # conftest's XLA flags, cache
-    flags = [f for f in env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
-    env["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={devices}"])
-    return env
+    # conftest's XLA flags and compilation cache are inherited
+    return forced_host_devices_env(devices, {**os.environ, "CMFL_JAX_CACHE": str(tmp / "cache")})
 
 
 def _run_side(side: str, devices: int, tmp) -> None:
