@@ -21,9 +21,11 @@ import os
 
 import ml_collections
 
+from cmfl_jax.jobs import PIPELINE as STAGES  # the method's flow; each stage has its own config file
+
 # demo variant -> the variant of configs/cmft.py and configs/cmff.py it starts from.
 VARIANTS = {"default": "cpu", "smoke": "smoke", "full": "full"}
-STAGES = ("cmft", "cmff", "predict", "evaluate", "export")
+TRAINING = ("cmft", "cmff")  # the stages that take the variant
 SHARED = ("seed", "data", "model")  # one value for every stage; removed from the stage configs
 
 
@@ -41,13 +43,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {arg!r} of configs/demo.py (known: smoke, full)")
     sub = VARIANTS[variant]
-    stages = {
-        "cmft": job_config("cmft", sub),
-        "cmff": job_config("cmff", sub),
-        "predict": job_config("predict"),
-        "evaluate": job_config("evaluate"),
-        "export": job_config("export"),
-    }
+    stages = {name: job_config(name, sub if name in TRAINING else None) for name in STAGES}
     config = ml_collections.ConfigDict()
     config.job = "demo"
     config.seed = stages["cmff"].seed

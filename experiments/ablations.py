@@ -108,7 +108,7 @@ def set_path(config: ml_collections.ConfigDict, path: str, value) -> None:
 def base_stages(size: str, steps: int, cmft_steps: int, seed: int, data_root: str, workdir: str
                 ) -> tuple[dict, list, list]:
     """The demo's CMFT and CMFF stage configs at this size, budget and seed; (stages, train, held-out)."""
-    from cmfl_jax import demo
+    from cmfl_jax.jobs import demo
 
     config = copy.deepcopy(demo_config(size))
     config.unlock()
@@ -133,7 +133,7 @@ def demo_config(size: str) -> ml_collections.ConfigDict:
 
 def _train(name: str, config: ml_collections.ConfigDict, workdir: str, what: str) -> dict:
     """Train ``config`` with the job ``name`` unless finished; ``{"seconds", "reused"}`` (seconds of its training)."""
-    from cmfl_jax import demo
+    from cmfl_jax.jobs import demo
 
     record = os.path.join(workdir, "ablation_run.json")
     if demo.finished(name, config, workdir):
@@ -163,7 +163,7 @@ def train_cmft(stage: ml_collections.ConfigDict, run: str, workdir: str) -> dict
 
 def train_variant(stage: ml_collections.ConfigDict, variant: Variant, workdir: str) -> tuple[dict, dict]:
     """Train one CMFF variant (reused when finished); (its final held-out metrics, ``{"seconds", "reused"}``)."""
-    from cmfl_jax import checkpoints
+    from cmfl_jax.training import checkpoints
 
     config = copy.deepcopy(stage)
     for path, value in variant.overrides.items():

@@ -18,7 +18,7 @@ format at that size. The goal: a JAX train step at or below PyTorch's on CPU.
     .venv/bin/python -m experiments.benchmark [--sizes 64 128] [--impls native cpu_fast]
         [--dtypes float32 bfloat16] [--repeats 5] [--no-torch] [--out experiments/results/benchmark.json]
 
-Suite ``devices``: the real CMFF train step (``cmfl_jax.train_cmff.make_train_step``: S_A, S_B, fusion branch,
+Suite ``devices``: the real CMFF train step (``cmfl_jax.cmff_step.make_train_step``: S_A, S_B, fusion branch,
 mask-guided attention, random init) data parallel over ``--devices`` N forced host devices
 (``XLA_FLAGS=--xla_force_host_platform_device_count=N``, one subprocess each), global batch N x 1; steps/s,
 peak RSS and XLA's buffer sizes. ``--devices 1 --sizes 128`` measures the memory of the paper's setting.
@@ -143,7 +143,7 @@ def run_jax_unet(case: dict[str, Any]) -> dict[str, Any]:
 
     from cmfl_jax.losses import soft_dice_loss
     from cmfl_jax.models import UNet3D
-    from cmfl_jax.training import DTYPES
+    from cmfl_jax.models.builder import DTYPES
 
     jax.devices()  # bring the backend up before the baseline
     baseline = current_rss_mib()
@@ -272,7 +272,7 @@ def run_jax_volume(case: dict[str, Any]) -> dict[str, Any]:
     import jax
     import jax.numpy as jnp
 
-    from cmfl_jax.inference import mirrored, sliding_window
+    from cmfl_jax.inference.sliding_window import mirrored, sliding_window
     from cmfl_jax.models import UNet3D
 
     baseline = current_rss_mib()
@@ -320,7 +320,7 @@ def cmff_step_inputs(case: dict[str, Any], mesh: Any) -> tuple[Any, dict, dict]:
     import jax
 
     from cmfl_jax import sharding
-    from cmfl_jax.train_cmff import create_state
+    from cmfl_jax.training.cmff_step import create_state
     from configs import cmff
 
     config = cmff.get_config()  # branches="fusion", attention="mask": the paper's network
@@ -344,7 +344,7 @@ def run_jax_cmff_devices(case: dict[str, Any]) -> dict[str, Any]:
     import jax
 
     from cmfl_jax import sharding
-    from cmfl_jax.train_cmff import make_train_step
+    from cmfl_jax.training.cmff_step import make_train_step
 
     if jax.device_count() != case["devices"]:
         raise RuntimeError(f"expected {case['devices']} devices, JAX has {jax.device_count()}")

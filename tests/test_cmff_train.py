@@ -11,12 +11,15 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from cmfl_jax import checkpoints
 from cmfl_jax.errors import CMFLError
+from cmfl_jax.jobs.cmff import train as train_cmff
+from cmfl_jax.models import builder
 from cmfl_jax.models.cmff import BRANCHES
 from cmfl_jax.models.fusion import ATTENTIONS
-from cmfl_jax.train_cmff import build_model, create_state, initial_params, make_train_step, train_and_evaluate
-from cmfl_jax.train_cmft import create_states as create_cmft_states
+from cmfl_jax.training import checkpoints
+from cmfl_jax.training.cmff_step import create_state, make_train_step
+from cmfl_jax.training.cmft_init import initial_params
+from cmfl_jax.training.cmft_step import create_states as create_cmft_states
 from configs import cmff as cmff_config
 from configs import cmft as cmft_config
 
@@ -80,7 +83,7 @@ def flat(tree):
 def test_grafted_branches_equal_generators_but_for_the_head(data_root, cmft_run):
     workdir, cmft_states = cmft_run
     config = tiny_cmff_config(data_root, **{"init.mode": "cmft", "init.cmft_workdir": str(workdir)})
-    params = initial_params(jax.random.key(0), build_model(config), config)
+    params = initial_params(jax.random.key(0), builder.cmff_net(config.model), config)
     for branch, generator in (("S_A", "g_ab"), ("S_B", "g_ba")):
         got, want = flat(params[branch]), flat(cmft_states[generator].params)
         body = [k for k in got if not k.startswith("head/")]
@@ -89,7 +92,7 @@ def test_grafted_branches_equal_generators_but_for_the_head(data_root, cmft_run)
             np.testing.assert_array_equal(got[key], want[key], err_msg=f"{branch}/{key}")
         assert got["head/kernel"].shape == (1, 1, 1, 2, 4) and want["head/kernel"].shape == (1, 1, 1, 2, 2)
     # S_F starts at random: it equals the random init with the same key.
-    random_params = initial_params(jax.random.key(0), build_model(config), _override(
+    random_params = initial_params(jax.random.key(0), builder.cmff_net(config.model), _override(
         tiny_cmff_config(data_root), {"init.mode": "random"}))
     for key, value in flat(params["S_F"]).items():
         np.testing.assert_array_equal(value, flat(random_params["S_F"])[key])
@@ -99,8 +102,8 @@ def test_random_init_differs_from_cmft(data_root, cmft_run):
     workdir, _ = cmft_run
     cmft = tiny_cmff_config(data_root, **{"init.mode": "cmft", "init.cmft_workdir": str(workdir)})
     random = tiny_cmff_config(data_root, **{"init.mode": "random"})
-    a = flat(initial_params(jax.random.key(0), build_model(cmft), cmft)["S_A"])
-    b = flat(initial_params(jax.random.key(0), build_model(random), random)["S_A"])
+    a = flat(initial_params(jax.random.key(0), builder.cmff_net(cmft.model), cmft)["S_A"])
+    b = flat(initial_params(jax.random.key(0), builder.cmff_net(random.model), random)["S_A"])
     differing = [k for k in a if not np.array_equal(a[k], b[k])]
     kernels = [k for k in a if k.endswith("kernel") and not k.startswith("head/")]
     assert set(kernels) <= set(differing)
@@ -110,12 +113,12 @@ def test_self_init_takes_the_self_reconstruction_generators(tmp_path, data_root)
     cmft = tiny_cmft_config(data_root, **{"cmft.objective": "self"})
     states = write_cmft_checkpoint(tmp_path, cmft)
     config = tiny_cmff_config(data_root, **{"init.mode": "self", "init.cmft_workdir": str(tmp_path)})
-    params = initial_params(jax.random.key(0), build_model(config), config)
+    params = initial_params(jax.random.key(0), builder.cmff_net(config.model), config)
     np.testing.assert_array_equal(flat(params["S_B"])["enc_0/conv_0/kernel"],
                                   flat(states["g_bb"].params)["enc_0/conv_0/kernel"])
     wrong = tiny_cmff_config(data_root, **{"init.mode": "cmft", "init.cmft_workdir": str(tmp_path)})
     with pytest.raises(CMFLError, match=r"has no generator g_ab.*init.mode=self"):
-        initial_params(jax.random.key(0), build_model(wrong), wrong)
+        initial_params(jax.random.key(0), builder.cmff_net(wrong.model), wrong)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -128,7 +131,7 @@ def test_mismatched_cmft_checkpoint_gives_a_clear_error(tmp_path, data_root, cha
     os.remove(tmp_path / "config.json")  # without it the grafting itself must catch the mismatch
     config = tiny_cmff_config(data_root, **{"init.mode": "cmft", "init.cmft_workdir": str(tmp_path)}, **change)
     with pytest.raises(CMFLError, match=message) as err:
-        initial_params(jax.random.key(0), build_model(config), config)
+        initial_params(jax.random.key(0), builder.cmff_net(config.model), config)
     assert str(tmp_path) in str(err.value)
 
 
@@ -136,7 +139,7 @@ def test_cmft_config_mismatch_names_the_setting(tmp_path, data_root):
     write_cmft_checkpoint(tmp_path, tiny_cmft_config(data_root, **{"data.pairing": "t1-flair/t2-t1ce"}))
     config = tiny_cmff_config(data_root, **{"init.mode": "cmft", "init.cmft_workdir": str(tmp_path)})
     with pytest.raises(CMFLError, match=r"config.json: the CMFT run has data.pairing='t1-flair/t2-t1ce'"):
-        initial_params(jax.random.key(0), build_model(config), config)
+        initial_params(jax.random.key(0), builder.cmff_net(config.model), config)
 
 
 @pytest.mark.parametrize("workdir, message", [
@@ -150,7 +153,7 @@ def test_missing_cmft_run_gives_a_clear_error(tmp_path, data_root, workdir, mess
         workdir = str(tmp_path / workdir)
     config = tiny_cmff_config(data_root, **{"init.mode": "cmft", "init.cmft_workdir": workdir})
     with pytest.raises(CMFLError, match=message):
-        initial_params(jax.random.key(0), build_model(config), config)
+        initial_params(jax.random.key(0), builder.cmff_net(config.model), config)
 
 
 @pytest.mark.parametrize("branches, attention", list(itertools.product(BRANCHES, ATTENTIONS)))
@@ -175,7 +178,7 @@ def test_every_variant_trains_a_step(data_root, branches, attention):
 
 
 def run_to(config, workdir):
-    states = train_and_evaluate(config, str(workdir))
+    states = train_cmff(config, str(workdir))
     return flat(states["seg"].params)
 
 
@@ -193,31 +196,9 @@ def test_three_steps_resume_three_steps_equals_six(tmp_path, data_root, cmft_run
     val_steps = [x["step"] for x in lines if "val/dice_WT" in x]
     assert val_steps == [3, 6]
     # best, latest and final checkpoints; best holds the validation metrics it was chosen by
-    best = checkpoints.make_manager(str(tmp_path / "resumed"), 1, "best", read_only=True)
-    meta = checkpoints.read_meta(best)
-    best.close()
+    meta = checkpoints.latest_meta(str(tmp_path / "resumed"), "best")
     scores = {x["step"]: x["val/dice_mean"] for x in lines if "val/dice_mean" in x}
     assert meta["step"] == max(scores, key=scores.get) and meta["val"]["dice_mean"] == pytest.approx(
         max(scores.values()))
     assert checkpoints.latest_step(str(tmp_path / "resumed"), "final") == 6
     assert sorted(os.listdir(tmp_path / "resumed" / "previews")) == ["cmff_val_0000003.png", "cmff_val_0000006.png"]
-
-
-def test_segmentation_loss_sums_branch_dice_and_optional_cross_entropy():
-    from cmfl_jax.losses import soft_dice_loss
-    from cmfl_jax.train_cmff import segmentation_loss
-
-    rng = np.random.default_rng(0)
-    target = np.eye(4, dtype=np.float32)[rng.integers(0, 4, (1, 4, 4, 4))]
-    la, lf = (rng.normal(size=(1, 4, 4, 4, 4)).astype(np.float32) for _ in range(2))
-    outputs = {"logits_a": la, "logits_b": None, "logits_f": lf}
-    total, terms = segmentation_loss(outputs, target)
-    assert set(terms) == {"dice_loss_a", "dice_loss_f"}
-    want = float(soft_dice_loss(jax.nn.softmax(la), target) + soft_dice_loss(jax.nn.softmax(lf), target))
-    assert float(total) == pytest.approx(want, rel=1e-6)
-    total_ce, terms_ce = segmentation_loss(outputs, target, ce_weight=0.5)
-    ce_a = -np.mean(np.sum(target * np.asarray(jax.nn.log_softmax(la)), axis=-1))
-    assert float(terms_ce["ce_a"]) == pytest.approx(0.5 * ce_a, rel=1e-5)
-    assert float(total_ce) == pytest.approx(want + float(terms_ce["ce_a"] + terms_ce["ce_f"]), rel=1e-6)
-    perfect = {"logits_a": 50.0 * (2 * target - 1), "logits_b": None, "logits_f": None}
-    assert float(segmentation_loss(perfect, target, ce_weight=1.0)[0]) < 1e-5

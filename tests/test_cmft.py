@@ -10,8 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cmfl_jax import checkpoints
-from cmfl_jax.train_cmft import create_states, make_train_step, train_and_evaluate
+from cmfl_jax.jobs.cmft import train as train_cmft
+from cmfl_jax.training import checkpoints
+from cmfl_jax.training.cmft_step import create_states, make_train_step
 from configs import cmft as cmft_config
 
 from .conftest import write_tiny_dataset
@@ -66,8 +67,8 @@ def test_optimizer_states_are_separate(data_root):
 
 
 def test_checkpoint_restores_and_resume_equals_uninterrupted(data_root, tmp_path):
-    whole = train_and_evaluate(tiny_config(data_root, steps=6), str(tmp_path / "whole"))
-    first = train_and_evaluate(tiny_config(data_root, steps=3), str(tmp_path / "split"))
+    whole = train_cmft(tiny_config(data_root, steps=6), str(tmp_path / "whole"))
+    first = train_cmft(tiny_config(data_root, steps=3), str(tmp_path / "split"))
     # every item of the 3-step checkpoint restores to the trees the run ended with
     manager = checkpoints.make_manager(str(tmp_path / "split"))
     assert manager.latest_step() == 3
@@ -78,7 +79,7 @@ def test_checkpoint_restores_and_resume_equals_uninterrupted(data_root, tmp_path
         assert tree_equal(restored[name].opt_state, first[name].opt_state)
         assert int(restored[name].step) == 3
     assert meta["step"] == 3 and "data" in meta
-    resumed = train_and_evaluate(tiny_config(data_root, steps=6), str(tmp_path / "split"))
+    resumed = train_cmft(tiny_config(data_root, steps=6), str(tmp_path / "split"))
     for name in whole:
         assert tree_equal(whole[name].params, resumed[name].params, atol=1e-6), name
         assert int(resumed[name].step) == 6
@@ -96,7 +97,7 @@ def test_checkpoint_restores_and_resume_equals_uninterrupted(data_root, tmp_path
 def test_variants_train(data_root, tmp_path, override):
     config = tiny_config(data_root, steps=2, **override)
     config.train.preview_every = 2
-    states = train_and_evaluate(config, str(tmp_path))
+    states = train_cmft(config, str(tmp_path))
     expected = {"g_aa", "g_bb", "d_a", "d_b"} if "cmft.objective" in override else {"g_ab", "g_ba", "d_a", "d_b"}
     assert set(states) == expected
     assert os.path.isfile(tmp_path / "previews" / "cmft_0000002.png")

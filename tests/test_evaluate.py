@@ -10,7 +10,7 @@ import pytest
 
 from cmfl_jax.data.layouts import discover, to_internal
 from cmfl_jax.errors import CMFLError
-from cmfl_jax.evaluate import run
+from cmfl_jax.jobs.evaluate import run
 from cmfl_jax.metrics import brats_metrics
 from configs import evaluate as evaluate_config
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from cmfl_jax.errors import CMFLError
-from cmfl_jax.graft import graft_params
+from cmfl_jax.training.cmft_init import graft_params
 
 
 def trees():

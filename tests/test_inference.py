@@ -6,10 +6,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cmfl_jax.classes import classes_to_labels, labels_to_classes
 from cmfl_jax.data.splits import split_subjects
 from cmfl_jax.errors import CMFLError
-from cmfl_jax.inference import gaussian_importance, mirrored, restrict_to_brain, sliding_window, window_starts
+from cmfl_jax.inference.sliding_window import (
+    gaussian_importance,
+    mirrored,
+    restrict_to_brain,
+    sliding_window,
+    window_starts,
+)
+from cmfl_jax.label_classes import classes_to_labels, labels_to_classes
 
 
 def test_window_starts_cover_the_axis_evenly():

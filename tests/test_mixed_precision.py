@@ -12,7 +12,7 @@ import numpy as np
 from cmfl_jax.data.phantom import make_subject
 from cmfl_jax.data.pipeline import crop_centered
 from cmfl_jax.data.preprocess import preprocess_images
-from cmfl_jax.train_cmff import create_state, make_train_step
+from cmfl_jax.training.cmff_step import create_state, make_train_step
 from configs import cmff as cmff_config
 
 STEPS = 30

@@ -11,12 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cmfl_jax import checkpoints, train_cmff, training
 from cmfl_jax.errors import CMFLError
-from cmfl_jax.train_cmff import create_state
-from cmfl_jax.train_cmff import make_train_step as make_cmff_step
-from cmfl_jax.train_cmft import create_states as create_cmft_states
-from cmfl_jax.train_cmft import make_train_step as make_cmft_step
+from cmfl_jax.jobs import cmff as cmff_job
+from cmfl_jax.training import checkpoints, loop, state
+from cmfl_jax.training.cmff_step import create_state
+from cmfl_jax.training.cmff_step import make_train_step as make_cmff_step
+from cmfl_jax.training.cmft_step import create_states as create_cmft_states
+from cmfl_jax.training.cmft_step import make_train_step as make_cmft_step
 
 from .test_cmff_train import PATCH, data_root, flat, tiny_cmff_config  # noqa: F401 (fixture)
 from .test_cmft import tiny_config as tiny_cmft_config
@@ -69,7 +70,7 @@ def poisoned_phase(bad_steps: set[int]):
     """A Phase whose batches at ``bad_steps`` (1-based, counted from the run's start) carry one NaN voxel."""
 
     @dataclasses.dataclass
-    class Poisoned(training.Phase):
+    class Poisoned(loop.Phase):
         def __post_init__(self):
             inner, calls = self.to_batch, itertools.count(1)
 
@@ -85,12 +86,12 @@ def poisoned_phase(bad_steps: set[int]):
 
 
 def test_isolated_nan_is_skipped_and_k_in_a_row_stop_without_saving_nan(tmp_path, data_root, monkeypatch):  # noqa: F811
-    monkeypatch.setattr(train_cmff, "Phase", poisoned_phase({2, 5, 6, 7}))
+    monkeypatch.setattr(cmff_job, "Phase", poisoned_phase({2, 5, 6, 7}))
     config = tiny_cmff_config(data_root, steps=9, **{"init.mode": "random", "train.save_every": 3,
                                                      "train.max_nonfinite": 3, "val.every": 100})
     with pytest.raises(CMFLError, match=r"config.train.max_nonfinite: cmff step 7: 3 steps in a row with a "
                                         r"non-finite loss or gradient; stopped"):
-        train_cmff.train_and_evaluate(config, str(tmp_path))
+        cmff_job.train(config, str(tmp_path))
     # Step 2's NaN was skipped and training went on; the checkpoints at 3 and 6 exist and are finite;
     # nothing was saved at or after the stop.
     manager = checkpoints.make_manager(str(tmp_path), None, read_only=True)
@@ -98,7 +99,7 @@ def test_isolated_nan_is_skipped_and_k_in_a_row_stop_without_saving_nan(tmp_path
     target = {"seg": create_state(jax.random.key(0), config)}
     for step in (3, 6):
         states, meta = checkpoints.restore(manager, target, step=step)
-        assert meta["step"] == step and bool(training.all_finite(states["seg"].params))
+        assert meta["step"] == step and bool(state.all_finite(states["seg"].params))
         assert int(states["seg"].step) == {3: 2, 6: 3}[step]  # applied updates: 1, 3 (not 2); then 4 (not 5, 6)
     manager.close()
     assert checkpoints.latest_step(str(tmp_path), "final") is None

@@ -9,14 +9,15 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from cmfl_jax.classes import classes_to_labels
 from cmfl_jax.data.io import load_subject
 from cmfl_jax.data.layouts import discover
 from cmfl_jax.data.preprocess import preprocess_images
 from cmfl_jax.errors import CMFLError
-from cmfl_jax.inference import restrict_to_brain, sliding_window
-from cmfl_jax.predict import load_workdir, run
-from cmfl_jax.train_cmff import train_and_evaluate
+from cmfl_jax.inference.predictor import load_workdir
+from cmfl_jax.inference.sliding_window import restrict_to_brain, sliding_window
+from cmfl_jax.jobs.cmff import train as train_cmff
+from cmfl_jax.jobs.predict import run
+from cmfl_jax.label_classes import classes_to_labels
 from configs import predict as predict_config
 
 from .conftest import write_tiny_dataset
@@ -31,7 +32,7 @@ def cmff_workdir(tmp_path_factory):
     write_tiny_dataset(root, n=3)
     workdir = tmp_path_factory.mktemp("cmff_run")
     config = tiny_cmff_config(root, steps=2, **{"init.mode": "random", "val.every": 2})
-    states = train_and_evaluate(config, str(workdir))
+    states = train_cmff(config, str(workdir))
     (workdir / "config.json").write_text(config.to_json_best_effort())
     return workdir, jax.device_get(states["seg"].params)
 
@@ -100,7 +101,8 @@ def test_predict_cli_without_a_model_dir_is_one_line(tmp_path):
 
 
 def test_bundle_round_trip_and_stablehlo_equal_the_model(tmp_path, cmff_workdir):
-    from cmfl_jax.export import export_bundle, load_bundle, load_window_function, stablehlo_name
+    from cmfl_jax.inference.bundle import export_bundle, load_window_function, stablehlo_name
+    from cmfl_jax.inference.predictor import load_bundle
 
     workdir, _ = cmff_workdir
     bundle = export_bundle(str(workdir), str(tmp_path / "bundle"), "best")

@@ -98,11 +98,11 @@ def _config(phase: str):
 def _states(phase: str, config, seed: int) -> dict:
     import jax
 
-    from cmfl_jax import train_cmff, train_cmft
+    from cmfl_jax.training import cmff_step, cmft_step
 
     if phase == "cmft":
-        return train_cmft.create_states(jax.random.key(seed), config)
-    return {"seg": train_cmff.create_state(jax.random.key(seed), config)}
+        return cmft_step.create_states(jax.random.key(seed), config)
+    return {"seg": cmff_step.create_state(jax.random.key(seed), config)}
 
 
 def _batch(phase: str, n: int) -> dict:
@@ -126,12 +126,13 @@ def sharded_side(out: str) -> None:
     """4 devices: the step on a 1-device mesh and on the 4-device mesh, same states and batch; save the latter."""
     import jax
 
-    from cmfl_jax import checkpoints, sharding, train_cmff, train_cmft
+    from cmfl_jax import sharding
+    from cmfl_jax.training import checkpoints, cmff_step, cmft_step
 
     assert jax.device_count() == DEVICES, jax.devices()
     for phase in PHASES:
         config = _config(phase)
-        make_step = (train_cmft if phase == "cmft" else train_cmff).make_train_step
+        make_step = (cmft_step if phase == "cmft" else cmff_step).make_train_step
         batch, rng = _batch(phase, DEVICES), jax.random.key(1)
         results = {}
         for name, mesh in (("one", sharding.make_mesh(jax.devices()[:1])), ("sharded", sharding.make_mesh())):
@@ -162,7 +163,7 @@ def restore_side(out: str) -> None:
     """1 device: restore each phase's sharded checkpoint onto freshly made (other seed) states."""
     import jax
 
-    from cmfl_jax import checkpoints
+    from cmfl_jax.training import checkpoints
 
     for phase in PHASES:
         manager = checkpoints.make_manager(os.path.join(out, phase), read_only=True)

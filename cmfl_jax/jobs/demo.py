@@ -2,7 +2,7 @@
 
 Each stage is the existing job's ``run(config, workdir)`` on its own sub-folder of the workdir, with the
 config of its own file (``configs/<job>.py``) plus the shared data, U-Net and seed. Predictions and
-evaluation cover only the subjects CMFF held out (its validation fold, split as ``train_cmff`` splits
+evaluation cover only the subjects CMFF held out (its validation fold, split as the CMFF job splits
 them), listed in ``<workdir>/held_out.csv`` (the explicit CSV layout), so the scores are on unseen
 subjects. Running the same command again reuses every finished stage whose config is unchanged (a
 ``demo_stage.json`` marker in its folder) and resumes an unfinished training from its checkpoint; a stage
@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import csv
-import importlib
 import io
 import json
 import os
@@ -24,42 +22,28 @@ import time
 import ml_collections
 from absl import logging
 
-from cmfl_jax import checkpoints
 from cmfl_jax.config_defaults import model_config
 from cmfl_jax.data.dataset import resolve_root
 from cmfl_jax.data.io import atomic_path
-from cmfl_jax.data.layouts import MODALITIES, Subject, discover
-from cmfl_jax.data.splits import split_subjects
+from cmfl_jax.data.layouts import Subject, discover
+from cmfl_jax.data.splits import split_subjects, write_subject_csv
 from cmfl_jax.errors import CMFLError
+from cmfl_jax.jobs import PIPELINE, job_module
 from cmfl_jax.run_log import format_seconds
+from cmfl_jax.training import checkpoints
 
-# Stage -> the module whose ``run(config, workdir)`` does it (the jobs of ``cmfl_jax.main``), in order.
-JOB_MODULES = {"cmft": "cmfl_jax.train_cmft", "cmff": "cmfl_jax.train_cmff", "predict": "cmfl_jax.predict",
-               "evaluate": "cmfl_jax.evaluate", "export": "cmfl_jax.export"}
-STAGES = tuple(JOB_MODULES)
+STAGES = PIPELINE  # each stage is the job of that name, run through the registry
 MARKER = "demo_stage.json"
 
 
 def held_out_subjects(config: ml_collections.ConfigDict) -> tuple[list[Subject], list[Subject]]:
-    """(training, held-out) subjects of the data root: CMFF's validation fold, as ``train_cmff`` splits them."""
+    """(training, held-out) subjects of the data root: CMFF's validation fold, as the CMFF job splits them."""
     subjects = discover(resolve_root(config.data), require_labels=True)
     v = config.cmff.val
     train, held_out = split_subjects(subjects, v.folds, v.fold, v.seed)
     if not held_out:
         raise CMFLError("config.cmff.val.folds", "must be at least 2: the demo predicts and scores the held-out fold")
     return train, held_out
-
-
-def write_subject_csv(path: str, subjects: list[Subject]) -> None:
-    """The explicit CSV layout (``cmfl_jax.data.layouts``) listing ``subjects``: a data root of just them."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(["subject_id", *MODALITIES, "seg", "et_label", "grade"])
-    for s in subjects:
-        writer.writerow([s.subject_id, *(os.path.abspath(p) for p in s.images), os.path.abspath(s.label),
-                         s.et_label, s.grade or ""])
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        f.write(buffer.getvalue())
 
 
 def write_split(config: ml_collections.ConfigDict, workdir: str) -> tuple[list[Subject], list[Subject], str, str]:
@@ -115,7 +99,7 @@ def finished(name: str, stage: ml_collections.ConfigDict, stage_dir: str) -> boo
 def run_stage(name: str, stage: ml_collections.ConfigDict, stage_dir: str) -> None:
     """The job's own ``run`` with its ``config.json`` (as the CLI writes it: CMFF and predict read it back);
     what the job prints goes to the log, so the demo's summary is the one block on stdout."""
-    module = importlib.import_module(JOB_MODULES[name])
+    module = job_module(name)
     os.makedirs(stage_dir, exist_ok=True)
     _write_json(os.path.join(stage_dir, "config.json"), stage.to_json_best_effort(indent=2, sort_keys=True))
     printed = io.StringIO()
@@ -166,7 +150,7 @@ def summary_text(config: ml_collections.ConfigDict, workdir: str, stages: dict[s
                  report: dict[str, dict], n_train: int, held_out: list[Subject], wall: float) -> str:
     """The demo's one summary (Markdown): where every output is, how long each stage took, the metrics table."""
     d = {name: os.path.join(workdir, name) for name in STAGES}
-    best = _best_meta(d["cmff"])
+    best = checkpoints.latest_meta(d["cmff"], "best")
     with open(os.path.join(d["evaluate"], "evaluation_summary.md")) as f:
         table = f.read().strip()
     root = config.data.root or resolve_root(config.data)
@@ -200,16 +184,6 @@ def summary_text(config: ml_collections.ConfigDict, workdir: str, stages: dict[s
         table,
     ]
     return "\n".join(lines) + "\n"
-
-
-def _best_meta(cmff_dir: str) -> dict | None:
-    if checkpoints.latest_step(cmff_dir, "best") is None:
-        return None
-    manager = checkpoints.make_manager(cmff_dir, None, "best", read_only=True)
-    try:
-        return checkpoints.read_meta(manager)
-    finally:
-        manager.close()
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:

@@ -59,7 +59,7 @@ def evaluate_subject(subject: Subject, pred_path: str) -> dict:
     return row
 
 
-def summarise(rows: list[dict]) -> dict[str, dict[str, float]]:
+def summary_statistics(rows: list[dict]) -> dict[str, dict[str, float]]:
     """``{statistic: {column: value}}`` over subjects, columns of :data:`SUMMARY_COLUMNS`."""
     values = {c: np.array([r[c] for r in rows], np.float64) for c in rows[0] if c != "subject_id"}
     for metric in ("dice", "hd95"):
@@ -114,7 +114,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     os.makedirs(workdir, exist_ok=True)
     _write_csv(os.path.join(workdir, "evaluation_per_subject.csv"), ["subject_id", *columns],
                [[r["subject_id"], *(r[c] for c in columns)] for r in rows])
-    summary = summarise(rows)
+    summary = summary_statistics(rows)
     _write_csv(os.path.join(workdir, "evaluation_summary.csv"), ["statistic", *SUMMARY_COLUMNS],
                [[s, *(v[c] for c in SUMMARY_COLUMNS)] for s, v in summary.items()])
     table = summary_markdown(summary)

@@ -1,4 +1,4 @@
-"""What both training phases share: optimizers, train-state creation, and the resumable loop.
+"""The resumable training loop both phases run.
 
 The loop draws one batch per step from a grain iterator, runs a jitted pure step
 ``(states, batch, rng) -> (states, metrics)`` with ``rng = fold_in(root_rng, step)``, logs,
@@ -17,54 +17,16 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
-from flax.training import train_state
 
-from cmfl_jax import checkpoints, sharding
+from cmfl_jax import sharding
 from cmfl_jax.errors import CMFLError
-from cmfl_jax.models.init import init_params
 from cmfl_jax.run_log import RunLog
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-def make_optimizer(lr: float, b1: float, b2: float, total_steps: int, decay_start: int = -1
-                   ) -> optax.GradientTransformation:
-    """Adam; with ``decay_start >= 0`` the rate falls linearly to 0 from that step to the last (as CycleGAN)."""
-    schedule: Any = lr
-    if 0 <= decay_start < total_steps:
-        schedule = optax.join_schedules(
-            [optax.constant_schedule(lr), optax.linear_schedule(lr, 0.0, total_steps - decay_start)], [decay_start]
-        )
-    return optax.adam(schedule, b1=b1, b2=b2)
-
-
-def all_finite(tree) -> jax.Array:
-    """True when every floating-point leaf of ``tree`` is finite (a scalar bool array; usable under jit)."""
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.asarray(x).dtype,
-                                                                                     jnp.inexact)]
-    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
-
-
-def skip_nonfinite(old_states: dict, new_states: dict, metrics: dict, grads) -> tuple[dict, dict]:
-    """The NaN guard inside a train step: keep ``old_states`` (params and optimizer state) when a loss or a
-    gradient is not finite, and report it as the ``skipped`` metric (1.0) that :func:`fit` counts."""
-    finite = all_finite((metrics, grads))
-    states = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_states, old_states)
-    return states, {**metrics, "skipped": 1.0 - finite.astype(jnp.float32)}
-
-
-def create_train_state(rng: jax.Array, module: nn.Module, input_shape: tuple[int, ...],
-                       tx: optax.GradientTransformation) -> train_state.TrainState:
-    """Init ``module`` for inputs of ``input_shape`` without compiling it (:func:`cmfl_jax.models.init_params`)."""
-    params = init_params(module, rng, jax.ShapeDtypeStruct(input_shape, jnp.float32))
-    return train_state.TrainState.create(apply_fn=module.apply, params=params, tx=tx)
+from cmfl_jax.training import checkpoints
+from cmfl_jax.training.state import all_finite
 
 
 @dataclasses.dataclass

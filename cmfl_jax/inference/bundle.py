@@ -1,4 +1,4 @@
-"""Export a trained CMFF model for evaluation and deployment (``configs/export.py``).
+"""Write a bundle: a trained CMFF model packed for evaluation and deployment (``configs/export.py``).
 
 A bundle is a directory:
 
@@ -9,8 +9,8 @@ A bundle is a directory:
   class probabilities`` with the params inside, serialized with ``jax.export``; it runs with JAX alone,
   without this package's model code (``jax.export.deserialize(blob).call(x)``).
 
-:func:`load_bundle` returns the same :class:`~cmfl_jax.predict.Predictor` as a CMFF workdir, so
-``configs/predict.py`` takes either. The bundle is built in a temporary folder and renamed into place.
+:func:`cmfl_jax.inference.predictor.load_bundle` reads it back as the same predictor a workdir gives.
+The bundle is built in a temporary folder and renamed into place.
 """
 
 from __future__ import annotations
@@ -22,22 +22,13 @@ import tempfile
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 
-from cmfl_jax import checkpoints
-from cmfl_jax.classes import CLASS_LABELS
 from cmfl_jax.data.pairs import split_pairs
-from cmfl_jax.errors import CMFLError
-from cmfl_jax.predict import CHECKPOINT_DIRS, Predictor, load_workdir
-
-BUNDLE_FILE = "bundle.json"
-BUNDLE_FORMAT = 1
-
-
-def is_bundle(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, BUNDLE_FILE))
+from cmfl_jax.inference.predictor import BUNDLE_FILE, BUNDLE_FORMAT, CHECKPOINT_DIRS, Predictor, load_workdir
+from cmfl_jax.label_classes import CLASS_LABELS
+from cmfl_jax.training import checkpoints
 
 
 def stablehlo_name(window) -> str:
@@ -67,11 +58,7 @@ def export_bundle(model_dir: str, out_dir: str, checkpoint: str = "best") -> str
     predictor = load_workdir(model_dir, checkpoint)
     with open(os.path.join(model_dir, "config.json")) as f:
         run_config = json.load(f)
-    manager = checkpoints.make_manager(model_dir, None, CHECKPOINT_DIRS[checkpoint], read_only=True)
-    try:
-        meta = checkpoints.read_meta(manager) or {}
-    finally:
-        manager.close()
+    meta = checkpoints.latest_meta(model_dir, CHECKPOINT_DIRS[checkpoint]) or {}
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-bundle-", dir=parent)
@@ -103,34 +90,3 @@ def export_bundle(model_dir: str, out_dir: str, checkpoint: str = "best") -> str
             shutil.rmtree(tmp)
     logging.info("export: bundle of %s written to %s", predictor.source, out_dir)
     return out_dir
-
-
-def load_bundle(path: str) -> Predictor:
-    """The :class:`~cmfl_jax.predict.Predictor` of an exported bundle."""
-    from cmfl_jax.train_cmff import build_model
-
-    if not is_bundle(path):
-        raise CMFLError(path, f"not a bundle (no {BUNDLE_FILE}); export one with configs/export.py")
-    with open(os.path.join(path, BUNDLE_FILE)) as f:
-        info = json.load(f)
-    if info.get("format") != BUNDLE_FORMAT:
-        raise CMFLError(os.path.join(path, BUNDLE_FILE), f"bundle format {info.get('format')} is not {BUNDLE_FORMAT}")
-    config = ml_collections.ConfigDict(info["config"])
-    model = build_model(config)
-    size = 2**model.depth
-    x = jnp.zeros((1, size, size, size, 2), jnp.float32)
-    abstract = jax.eval_shape(model.init, jax.random.key(0), x, x)["params"]
-    try:
-        params = ocp.StandardCheckpointer().restore(os.path.abspath(os.path.join(path, "params")), abstract)
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        raise CMFLError(os.path.join(path, "params"), f"cannot restore params: {str(e).splitlines()[0]}") from e
-    return Predictor(model, params, config.data.pairing, tuple(int(w) for w in info["window"]),
-                     config.data.normalization, os.path.abspath(path))
-
-
-def run(config: ml_collections.ConfigDict, workdir: str) -> None:
-    if not config.model_dir:
-        raise CMFLError("config.model_dir", "is empty: give the workdir of a CMFF run (configs/cmff.py)")
-    out = export_bundle(config.model_dir, config.out_dir or os.path.join(workdir, "bundle"), config.checkpoint)
-    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(out) for f in fs)
-    print(f"bundle: {out} ({size / 2**20:.1f} MiB)")

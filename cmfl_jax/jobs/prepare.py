@@ -20,7 +20,7 @@ def _fmt_counter(counter: Counter) -> str:
     return ", ".join(f"{k} ({v})" if len(counter) > 1 else k for k, v in sorted(counter.items()))
 
 
-def summarize(entries: list[CachedSubject]) -> list[dict]:
+def dataset_overview(entries: list[CachedSubject]) -> list[dict]:
     """One row per (layout, grade): subjects, shapes, spacings, mean voxels per label, subjects with ET."""
     groups: dict[tuple[str, str], list[CachedSubject]] = defaultdict(list)
     for e in entries:
@@ -56,7 +56,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     root = resolve_root(config.data)
     logging.info("preparing %s", root)
     entries = load_entries(config.data)
-    rows = summarize(entries)
+    rows = dataset_overview(entries)
     table = markdown_table(rows)
     os.makedirs(workdir, exist_ok=True)
     with atomic_path(os.path.join(workdir, "prepare_summary.json")) as tmp, open(tmp, "w") as f:

@@ -7,14 +7,15 @@ continues with the same randomness and the same data order. Saves are asynchrono
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from flax import serialization
+from flax import serialization, traverse_util
 
 from cmfl_jax.errors import CMFLError
 
@@ -34,15 +35,47 @@ def make_manager(workdir: str, max_to_keep: int | None = 3, subdir: str = "check
     return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, subdir)), options=options)
 
 
+@contextlib.contextmanager
+def read_only(workdir: str, subdir: str = "checkpoints") -> Iterator[ocp.CheckpointManager]:
+    """Another run's (or a finished run's) checkpoints, opened without touching them and always closed."""
+    manager = make_manager(workdir, None, subdir, read_only=True)
+    try:
+        yield manager
+    finally:
+        manager.close()
+
+
 def latest_step(workdir: str, subdir: str = "checkpoints") -> int | None:
     """The newest finished checkpoint step under ``<workdir>/<subdir>``, or None (no folder, no checkpoint)."""
     if not os.path.isdir(os.path.join(workdir, subdir)):
         return None
-    manager = make_manager(workdir, None, subdir, read_only=True)
-    try:
+    with read_only(workdir, subdir) as manager:
         return manager.latest_step()
-    finally:
-        manager.close()
+
+
+def latest_meta(workdir: str, subdir: str) -> dict | None:
+    """The JSON ``meta`` of the newest checkpoint under ``<workdir>/<subdir>``, or None when there is none."""
+    if latest_step(workdir, subdir) is None:
+        return None
+    with read_only(workdir, subdir) as manager:
+        return read_meta(manager)
+
+
+def restore_params(workdir: str, subdir: str, step: int, abstract: Mapping[str, Any]) -> dict[str, dict]:
+    """Only the ``params`` of the named items (no optimizer state), restored onto ``{item: abstract params}``.
+
+    Leaves the checkpoint lacks are dropped from the result, so the caller reports them in its own terms
+    (another depth for a CMFT run, another architecture for a CMFF run).
+    """
+    with read_only(workdir, subdir) as manager:
+        restored, _ = restore(manager, {n: {"params": tree} for n, tree in abstract.items()}, step=step,
+                              partial=True)
+    return {name: _restored_only(restored[name]["params"]) for name in abstract}
+
+
+def _restored_only(tree: dict) -> dict:
+    flat = traverse_util.flatten_dict(tree)
+    return traverse_util.unflatten_dict({k: v for k, v in flat.items() if not isinstance(v, jax.ShapeDtypeStruct)})
 
 
 def read_meta(manager: ocp.CheckpointManager, step: int | None = None) -> dict | None:

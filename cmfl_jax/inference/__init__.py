@@ -1,0 +1,1 @@
+"""Whole-volume prediction: sliding windows, the predictor of a CMFF workdir or bundle, and the bundle."""

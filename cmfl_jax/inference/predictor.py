@@ -1,0 +1,130 @@
+"""A trained CMFF network ready to predict, loaded from a CMFF workdir or an exported bundle.
+
+The model is rebuilt from the run's config (``config.json`` of the workdir, or the copy in
+``bundle.json``) and only its params are restored (no optimizer state). Both sources give the same
+:class:`Predictor`, so prediction, evaluation and export never care which one they got.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+
+from cmfl_jax.data.io import LoadedSubject
+from cmfl_jax.data.preprocess import preprocess_images
+from cmfl_jax.errors import CMFLError
+from cmfl_jax.inference.sliding_window import cmff_predict_fn, restrict_to_brain, sliding_window
+from cmfl_jax.label_classes import classes_to_labels
+from cmfl_jax.models import builder
+from cmfl_jax.training import checkpoints
+
+# config.checkpoint -> the CMFF workdir's sub-folder.
+CHECKPOINT_DIRS = {"best": "best", "final": "final", "latest": "checkpoints"}
+BUNDLE_FILE = "bundle.json"
+BUNDLE_FORMAT = 1
+
+
+@dataclasses.dataclass
+class Predictor:
+    """A trained CMFFNet and what prediction needs to know about its training."""
+
+    model: object
+    params: dict
+    pairing: str
+    window: tuple[int, int, int]
+    normalization: str
+    source: str
+
+    def probabilities(self, image: np.ndarray, overlap: float = 0.5, batch_size: int = 1, mirror: bool = False,
+                      window: tuple[int, ...] | None = None) -> np.ndarray:
+        """Class probabilities ``(D, H, W, 4)`` of a pre-processed ``(D, H, W, 4)`` volume."""
+        fn = _predict_fn(self.model, self.pairing, mirror)
+        return sliding_window(functools.partial(fn, self.params), image, window or self.window, overlap, batch_size)
+
+    def model_input(self, loaded: LoadedSubject) -> np.ndarray:
+        """The pre-processed ``(D, H, W, 4)`` volume the model takes, normalised as in its training."""
+        return np.moveaxis(preprocess_images(loaded.images, self.normalization), 0, -1)
+
+    def labels(self, image: np.ndarray, overlap: float = 0.5, batch_size: int = 1, mirror: bool = False
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """(internal 0/1/2/4 label map, class probabilities) of a pre-processed volume."""
+        probs = self.probabilities(image, overlap, batch_size, mirror)
+        return restrict_to_brain(classes_to_labels(np.argmax(probs, axis=-1)), image), probs
+
+
+@functools.lru_cache(maxsize=8)
+def _predict_fn(model, pairing: str, mirror: bool):
+    return cmff_predict_fn(model, pairing, mirror)  # one jitted function (one compilation) per model and setting
+
+
+def _read_run_config(model_dir: str) -> ml_collections.ConfigDict:
+    path = os.path.join(model_dir, "config.json")
+    if not os.path.isdir(model_dir):
+        raise CMFLError(model_dir, "model directory (config.model_dir) does not exist")
+    if not os.path.isfile(path):
+        raise CMFLError(path, "file not found: config.model_dir must be the workdir of a CMFF run (configs/cmff.py)")
+    with open(path) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    if config.get("job") != "cmff":
+        raise CMFLError(path, f"this is a {config.get('job')!r} run, not a CMFF run (configs/cmff.py)")
+    return config
+
+
+def _predictor(config: ml_collections.ConfigDict, params: dict, window, source: str) -> Predictor:
+    return Predictor(builder.cmff_net(config.model), params, config.data.pairing, tuple(int(w) for w in window),
+                     config.data.normalization, source)
+
+
+def load_workdir(model_dir: str, checkpoint: str = "best") -> Predictor:
+    """The predictor of a CMFF workdir's ``best``, ``final`` or ``latest`` checkpoint (params only)."""
+    if checkpoint not in CHECKPOINT_DIRS:
+        raise CMFLError("config.checkpoint", f"unknown value {checkpoint!r}; "
+                                             f"choose one of {', '.join(CHECKPOINT_DIRS)}")
+    run_config = _read_run_config(model_dir)
+    abstract = builder.abstract_params(builder.cmff_net(run_config.model))
+    subdir = CHECKPOINT_DIRS[checkpoint]
+    step = checkpoints.latest_step(model_dir, subdir)
+    if step is None:
+        raise CMFLError(os.path.join(model_dir, subdir), f"no {checkpoint} checkpoint in this CMFF workdir")
+    source = os.path.join(os.path.abspath(model_dir), subdir, str(step))
+    params = checkpoints.restore_params(model_dir, subdir, step, {"seg": abstract})["seg"]
+    if len(jax.tree.leaves(params)) != len(jax.tree.leaves(abstract)):
+        raise CMFLError(source, "checkpoint does not match the model of its config.json (another architecture?)")
+    m = run_config.model
+    logging.info("predict: model from %s (%s, attention %s, base %d, depth %d)", source, m.branches, m.attention,
+                 m.base, m.depth)
+    return _predictor(run_config, params, run_config.data.patch_size, source)
+
+
+def is_bundle(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, BUNDLE_FILE))
+
+
+def load_bundle(path: str) -> Predictor:
+    """The :class:`Predictor` of an exported bundle (``configs/export.py``)."""
+    if not is_bundle(path):
+        raise CMFLError(path, f"not a bundle (no {BUNDLE_FILE}); export one with configs/export.py")
+    with open(os.path.join(path, BUNDLE_FILE)) as f:
+        info = json.load(f)
+    if info.get("format") != BUNDLE_FORMAT:
+        raise CMFLError(os.path.join(path, BUNDLE_FILE), f"bundle format {info.get('format')} is not {BUNDLE_FORMAT}")
+    config = ml_collections.ConfigDict(info["config"])
+    abstract = builder.abstract_params(builder.cmff_net(config.model))
+    try:
+        params = ocp.StandardCheckpointer().restore(os.path.abspath(os.path.join(path, "params")), abstract)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        raise CMFLError(os.path.join(path, "params"), f"cannot restore params: {str(e).splitlines()[0]}") from e
+    return _predictor(config, params, info["window"], os.path.abspath(path))
+
+
+def load_predictor(model_dir: str, checkpoint: str = "best") -> Predictor:
+    """A bundle's predictor, or else a CMFF workdir's ``checkpoint``."""
+    return load_bundle(model_dir) if is_bundle(model_dir) else load_workdir(model_dir, checkpoint)

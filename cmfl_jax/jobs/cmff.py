@@ -1,0 +1,92 @@
+"""The ``cmff`` job (``configs/cmff.py``): phase 2, segmentation by S_A, S_B and the fusion branch S_F.
+
+S_A and S_B start from the CMFT generators (:mod:`cmfl_jax.training.cmft_init`), the network trains with
+the step of :mod:`cmfl_jax.training.cmff_step`, and the held-out fold is validated as configured
+(:mod:`cmfl_jax.training.validation`), keeping the best model in ``best/`` and the last in ``final/``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from absl import logging
+
+from cmfl_jax import sharding
+from cmfl_jax.data.dataset import load_entries
+from cmfl_jax.data.pairs import pair_channels
+from cmfl_jax.data.pipeline import patch_dataset
+from cmfl_jax.data.splits import split_subjects
+from cmfl_jax.training import checkpoints
+from cmfl_jax.training.cmff_step import create_state, make_train_step
+from cmfl_jax.training.cmft_init import INIT_SOURCES, check_init_mode, cmft_checkpoint
+from cmfl_jax.training.loop import Phase, fit
+from cmfl_jax.training.validation import Validator
+
+
+def _data(config: ml_collections.ConfigDict) -> tuple[list, list]:
+    entries = load_entries(config.data)
+    v = config.val
+    train, val = split_subjects(entries, v.folds, v.fold, v.seed)
+    if v.max_subjects > 0:
+        val = val[: v.max_subjects]
+    logging.info("cmff: %d training and %d validation subjects (fold %d of %d)", len(train), len(val), v.fold,
+                 v.folds)
+    return train, val
+
+
+def save_final(workdir: str, states: dict, step: int, val: dict | None) -> None:
+    """``<workdir>/final``: the states at the last step and their validation metrics (a finished run)."""
+    manager = checkpoints.make_manager(workdir, 1, subdir="final")
+    try:
+        if manager.latest_step() != step:
+            checkpoints.save(manager, step, states, {"step": step, "val": val or {}}, force=True)
+    finally:
+        checkpoints.close(manager)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Train CMFF on the configured data, validating as configured; returns the final states."""
+    sharding.initialize_distributed(config)
+    pair_channels(config.data.pairing)  # fail early on a bad pairing
+    check_init_mode(config)
+    if config.train.fresh:
+        for sub in ("best", "final"):  # fit() removes checkpoints/; a fresh run keeps no best or final either
+            shutil.rmtree(os.path.join(workdir, sub), ignore_errors=True)
+    resuming = not config.train.fresh and checkpoints.latest_step(workdir) is not None
+    if INIT_SOURCES[config.init.mode] and not resuming:
+        cmft_checkpoint(config)  # before the data: a missing CMFT run is reported at once
+    train_entries, val_entries = _data(config)
+    d = config.data
+    dataset = patch_dataset(train_entries, d.patch_size, seed=config.seed,
+                            batch_size=sharding.host_batch_size(config.train.batch_size), tumour_prob=d.tumour_prob,
+                            flip=d.flip, num_workers=d.num_workers, shard=sharding.data_shard(config))
+    states = {"seg": create_state(jax.random.key(config.seed), config, resuming=resuming)}
+    validator = Validator(config, val_entries, workdir)
+    last_val: dict = {}
+
+    def on_step(step, states, batch):
+        del batch
+        if not validator.due(step):
+            return None
+        last_val.clear()
+        last_val.update(validator(step, states))
+        return last_val
+
+    phase = Phase("cmff", states, make_train_step(config), to_batch=lambda b: {"image": jnp.asarray(b["image"]),
+                                                                              "label": jnp.asarray(b["label"])},
+                  on_step=on_step)
+    try:
+        states, step = fit(phase, dataset, config.train, workdir, config.seed)
+    finally:
+        validator.close()
+    if step >= config.train.steps:  # not after a SIGTERM/SIGINT stop
+        save_final(workdir, states, step, last_val)
+    return states
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> None:
+    train(config, workdir)

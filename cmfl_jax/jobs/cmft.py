@@ -1,0 +1,58 @@
+"""The ``cmft`` job (``configs/cmft.py``): phase 1, the CycleGAN between the modality pairs A and B.
+
+Reads the patches, trains the four networks of :mod:`cmfl_jax.training.cmft_step` with the resumable
+loop, and draws a preview of the translations every ``train.preview_every`` steps.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from cmfl_jax import sharding
+from cmfl_jax.data.dataset import load_entries
+from cmfl_jax.data.pairs import pair_channels, split_pairs
+from cmfl_jax.data.pipeline import patch_dataset
+from cmfl_jax.errors import CMFLError
+from cmfl_jax.previews import save_translation_png
+from cmfl_jax.training.cmft_step import GENERATORS, create_states, make_train_step, translate
+from cmfl_jax.training.loop import Phase, fit
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Train CMFT on the configured data; returns the final states."""
+    sharding.initialize_distributed(config)
+    c = config.cmft
+    if c.objective not in GENERATORS:
+        raise CMFLError("config.cmft.objective", f"unknown objective {c.objective!r}; choose cycle or self")
+    pair_channels(config.data.pairing)  # fail early on a bad pairing
+    entries = load_entries(config.data)
+    d = config.data
+    dataset = patch_dataset(entries, d.patch_size, seed=config.seed,
+                            batch_size=sharding.host_batch_size(config.train.batch_size), tumour_prob=d.tumour_prob,
+                            flip=d.flip, num_workers=d.num_workers, shard=sharding.data_shard(config))
+    states = create_states(jax.random.key(config.seed), config)
+    preview = jax.jit(functools.partial(translate, objective=c.objective))
+
+    def on_step(step, states, batch):
+        if config.train.preview_every and step % config.train.preview_every == 0:
+            a, b = split_pairs(batch["image"], config.data.pairing)
+            outputs = jax.device_get(preview(states, a[:1], b[:1]))
+            path = os.path.join(workdir, "previews", f"cmft_{step:07d}.png")
+            save_translation_png(path, np.asarray(a[0]), np.asarray(b[0]), {k: v[0] for k, v in outputs.items()},
+                                 title=f"CMFT step {step}")
+        return None
+
+    phase = Phase("cmft", states, make_train_step(config), to_batch=lambda b: {"image": jnp.asarray(b["image"])},
+                  on_step=on_step)
+    states, _ = fit(phase, dataset, config.train, workdir, config.seed)
+    return states
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> None:
+    train(config, workdir)

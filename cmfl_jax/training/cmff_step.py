@@ -1,0 +1,54 @@
+"""CMFF's train state and its jitted step (section 3.2): Eq. 7 over the branches that run.
+
+One network (:class:`~cmfl_jax.models.CMFFNet`), one optax state (``seg``). The Dice runs over the
+network's 4 mutually exclusive classes (background, NCR/NET, oedema, ET), the classes its softmax
+predicts. ``config.cmff.ce_weight`` > 0 adds a cross-entropy term per branch (nnU-Net's Dice + CE; not
+in the paper): a soft Dice gradient vanishes for a class predicted on far too many voxels, and CE removes
+that failure mode in short runs.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import ml_collections
+from flax.training import train_state
+
+from cmfl_jax import losses, sharding
+from cmfl_jax.data.pairs import split_pairs
+from cmfl_jax.label_classes import NUM_CLASSES, labels_to_classes
+from cmfl_jax.models import builder
+from cmfl_jax.training.cmft_init import initial_params
+from cmfl_jax.training.state import create_train_state, make_optimizer, skip_nonfinite
+
+
+def create_state(rng: jax.Array, config: ml_collections.ConfigDict, resuming: bool = False
+                 ) -> train_state.TrainState:
+    """The segmentation state with a fresh Adam; ``resuming`` skips the CMFT restore (the checkpoint wins)."""
+    model = builder.cmff_net(config.model)
+    c = config.cmff
+    tx = make_optimizer(c.lr, c.b1, c.b2, config.train.steps, c.decay_start)
+    params = builder.random_params(model, rng) if resuming else initial_params(rng, model, config)
+    return create_train_state(rng, model, tx, params)
+
+
+def train_step(states: dict, batch: dict, rng: jax.Array, *, pairing: str, ce_weight: float = 0.0
+               ) -> tuple[dict, dict]:
+    """One CMFF step on a batch of (image, label) patches."""
+    del rng  # deterministic; the argument keeps the signature of every phase
+    state = states["seg"]
+    a, b = split_pairs(batch["image"], pairing)
+    target = jax.nn.one_hot(labels_to_classes(batch["label"]), NUM_CLASSES)
+
+    def loss_fn(params):
+        return losses.cmff_segmentation_loss(state.apply_fn({"params": params}, a, b), target, ce_weight)
+
+    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    return skip_nonfinite(states, {"seg": state.apply_gradients(grads=grads)}, {"loss": loss, **terms}, grads)
+
+
+def make_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None):
+    """The jitted step (states donated), data parallel over ``mesh`` (default: all devices)."""
+    step = functools.partial(train_step, pairing=config.data.pairing, ce_weight=config.cmff.ce_weight)
+    return sharding.jit_train_step(step, mesh)
