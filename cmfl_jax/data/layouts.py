@@ -1,11 +1,14 @@
 """Discover BraTS subjects on disk from file names, and map label conventions.
 
-Supported layouts (one folder per subject, found anywhere below the root):
+Supported layouts (one folder per subject, found anywhere below the root; symbolic links are followed):
 
 * 2017/2018: ``Brats18_<id>_{t1,t1ce,t2,flair,seg}.nii.gz``, often under ``HGG/`` and ``LGG/``;
 * 2019-2021: ``BraTS20_Training_001_{...}.nii.gz``, ``BraTS2021_00000_{...}.nii.gz``;
 * 2023+: ``BraTS-GLI-00000-000-{t1n,t1c,t2w,t2f,seg}.nii.gz`` (enhancing tumour is label 3);
 * explicit: a CSV file with columns ``subject_id,t1,t1ce,t2,flair[,seg][,et_label]``.
+
+Each BraTS naming family is one :class:`NamingFamily` entry of :data:`NAMING_FAMILIES`; a new release's naming
+is supported by adding an entry there and nowhere else.
 
 Inside the package labels always follow BraTS 2017/2018: 0 background, 1 NCR/NET,
 2 oedema, 4 enhancing tumour. :func:`to_internal` and :func:`to_dataset` convert.
@@ -15,9 +18,11 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import os
 import re
 from collections import defaultdict
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 
@@ -27,25 +32,76 @@ from cmfl_jax.errors import CMFLError
 MODALITIES = ("t1", "t1ce", "t2", "flair")
 INTERNAL_LABELS = (0, 1, 2, 4)
 
-# File-name suffix of each modality (and the label map) per naming family.
-_SUFFIXES_CLASSIC = {"t1": "t1", "t1ce": "t1ce", "t2": "t2", "flair": "flair", "seg": "seg"}
-_SUFFIXES_2023 = {"t1": "t1n", "t1ce": "t1c", "t2": "t2w", "flair": "t2f", "seg": "seg"}
 
-_NII = r"\.nii(?:\.gz)?$"
-_RE_CLASSIC = re.compile(r"^(?P<sid>.+?)_(?P<mod>t1|t1ce|t2|flair|seg)" + _NII)
-_RE_2023 = re.compile(r"^(?P<sid>BraTS-[A-Za-z]+-\d+-\d+)-(?P<mod>t1n|t1c|t2w|t2f|seg)" + _NII)
+@dataclasses.dataclass(frozen=True)
+class NamingFamily:
+    """How one family of BraTS releases names its files: reading and writing trees share this one description.
 
-# Which release a subject id comes from (classic naming family); the first match wins.
-_RELEASE_PREFIXES = (
-    ("Brats17_", "brats2017"),
-    ("Brats18_", "brats2018"),
-    ("BraTS19_", "brats2019"),
-    ("BraTS20_", "brats2020"),
-    ("BraTS2021_", "brats2021"),
+    Attributes:
+      name: short name, for messages and tests.
+      suffixes: file-name suffix of each key of :data:`MODALITIES` and of ``"seg"`` (the label map).
+      sep: what separates subject id and suffix (``_`` in ``Brats18_x_t1``, ``-`` in ``BraTS-GLI-..-t1n``).
+      id_pattern: regex of a subject id.
+      et_label: the value the family uses for enhancing tumour.
+      releases: ``(id prefix, layout name)`` pairs naming the release of a subject id (first match wins),
+        else ``default_release``.
+      writable: ``(layout name, id format with {index}, has HGG/LGG folders)`` per layout it can write.
+    """
+
+    name: str
+    suffixes: Mapping[str, str]
+    sep: str
+    id_pattern: str
+    et_label: int
+    releases: tuple[tuple[str, str], ...] = ()
+    default_release: str = "brats-named"
+    writable: tuple[tuple[str, str, bool], ...] = ()
+
+    @functools.cached_property
+    def pattern(self) -> re.Pattern[str]:
+        mods = "|".join(re.escape(self.suffixes[k]) for k in (*MODALITIES, "seg"))
+        return re.compile(rf"^(?P<sid>{self.id_pattern}){re.escape(self.sep)}(?P<mod>{mods})\.nii(?:\.gz)?$")
+
+    def release_of(self, subject_id: str) -> str:
+        return next((rel for prefix, rel in self.releases if subject_id.startswith(prefix)), self.default_release)
+
+
+# Table order is match order: the classic family accepts any id, so it stays last.
+NAMING_FAMILIES: tuple[NamingFamily, ...] = (
+    NamingFamily(
+        name="2023",
+        suffixes={"t1": "t1n", "t1ce": "t1c", "t2": "t2w", "flair": "t2f", "seg": "seg"},
+        sep="-",
+        id_pattern=r"BraTS-[A-Za-z]+-\d+-\d+",
+        et_label=3,
+        default_release="brats2023",
+        writable=(("brats2023", "BraTS-GLI-{index:05d}-000", False),),
+    ),
+    NamingFamily(
+        name="classic",
+        suffixes={"t1": "t1", "t1ce": "t1ce", "t2": "t2", "flair": "flair", "seg": "seg"},
+        sep="_",
+        id_pattern=r".+?",
+        et_label=4,
+        releases=(
+            ("Brats17_", "brats2017"),
+            ("Brats18_", "brats2018"),
+            ("BraTS19_", "brats2019"),
+            ("BraTS20_", "brats2020"),
+            ("BraTS2021_", "brats2021"),
+        ),
+        writable=(("brats2018", "Brats18_SYN_{index:04d}_1", True), ("brats2021", "BraTS2021_{index:05d}", False)),
+    ),
 )
 
+
+def _writable() -> dict[str, tuple[NamingFamily, str, bool]]:
+    """Layout name -> (family, id format, has HGG/LGG folders), read from the table at call time."""
+    return {name: (fam, fmt, graded) for fam in NAMING_FAMILIES for name, fmt, graded in fam.writable}
+
+
 # Layouts that :func:`subject_file_paths` can write (the phantom uses them).
-WRITABLE_LAYOUTS = ("brats2018", "brats2021", "brats2023")
+WRITABLE_LAYOUTS = tuple(sorted(_writable()))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,24 +129,20 @@ class Subject:
         return os.path.dirname(self.images[0])
 
 
+def _relabel(label: np.ndarray, old: int, new: int) -> np.ndarray:
+    out = np.asarray(label).astype(np.uint8)  # a copy: the caller's array is never changed
+    out[out == old] = new
+    return out
+
+
 def to_internal(label: np.ndarray, et_label: int) -> np.ndarray:
     """Map a dataset label map to the internal 0/1/2/4 convention (uint8)."""
-    label = np.asarray(label).astype(np.uint8)
-    if et_label == 4:
-        return label
-    out = label.copy()
-    out[label == et_label] = 4
-    return out
+    return _relabel(label, et_label, 4)
 
 
 def to_dataset(label: np.ndarray, et_label: int) -> np.ndarray:
     """Map an internal 0/1/2/4 label map back to the dataset's convention (uint8)."""
-    label = np.asarray(label).astype(np.uint8)
-    if et_label == 4:
-        return label
-    out = label.copy()
-    out[label == 4] = et_label
-    return out
+    return _relabel(label, 4, et_label)
 
 
 def allowed_labels(et_label: int) -> tuple[int, ...]:
@@ -103,37 +155,20 @@ def subject_file_paths(root: str | os.PathLike, layout: str, index: int, grade: 
 
     Used by the phantom writer, so that written trees are named exactly as the real releases.
     """
-    root = os.fspath(root)
-    if layout == "brats2018":
-        sid = f"Brats18_SYN_{index:04d}_1"
-        folder = os.path.join(root, grade, sid)
-        suffixes, sep, et = _SUFFIXES_CLASSIC, "_", 4
-    elif layout == "brats2021":
-        sid = f"BraTS2021_{index:05d}"
-        folder = os.path.join(root, sid)
-        suffixes, sep, et = _SUFFIXES_CLASSIC, "_", 4
-    elif layout == "brats2023":
-        sid = f"BraTS-GLI-{index:05d}-000"
-        folder = os.path.join(root, sid)
-        suffixes, sep, et = _SUFFIXES_2023, "-", 3
-    else:
-        raise CMFLError(None, f"unknown layout {layout!r}; choose one of {', '.join(WRITABLE_LAYOUTS)}")
-    path = lambda key: os.path.join(folder, f"{sid}{sep}{suffixes[key]}.nii.gz")
+    if layout not in _writable():
+        raise CMFLError(None, f"unknown layout {layout!r}; choose one of {', '.join(sorted(_writable()))}")
+    fam, id_format, graded = _writable()[layout]
+    sid = id_format.format(index=index)
+    folder = os.path.join(os.fspath(root), *([grade] if graded else []), sid)
+    path = lambda key: os.path.join(folder, f"{sid}{fam.sep}{fam.suffixes[key]}.nii.gz")
     return Subject(
         subject_id=sid,
         layout=layout,
         images=tuple(path(m) for m in MODALITIES),  # type: ignore[arg-type]
         label=path("seg"),
-        et_label=et,
-        grade=grade if layout == "brats2018" else None,
+        et_label=fam.et_label,
+        grade=grade if graded else None,
     )
-
-
-def _release_of(subject_id: str) -> str:
-    for prefix, release in _RELEASE_PREFIXES:
-        if subject_id.startswith(prefix):
-            return release
-    return "brats-named"
 
 
 def _grade_of(path: str) -> str | None:
@@ -143,16 +178,27 @@ def _grade_of(path: str) -> str | None:
     return None
 
 
-def _parse(filename: str) -> tuple[str, str, str] | None:
+def _parse(filename: str) -> tuple[str, str, NamingFamily] | None:
     """(subject id, internal modality key, naming family) of a file name, or None."""
-    m = _RE_2023.match(filename)
-    if m:
-        inverse = {v: k for k, v in _SUFFIXES_2023.items()}
-        return m["sid"], inverse[m["mod"]], "2023"
-    m = _RE_CLASSIC.match(filename)
-    if m:
-        return m["sid"], m["mod"], "classic"
+    for fam in NAMING_FAMILIES:
+        m = fam.pattern.match(filename)
+        if m:
+            key = next(k for k, suffix in fam.suffixes.items() if suffix == m["mod"])
+            return m["sid"], key, fam
     return None
+
+
+def _walk(root: str) -> Iterator[tuple[str, list[str]]]:
+    """``os.walk`` that follows symbolic links (split folders made of links) but visits each real folder once."""
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:  # a link cycle, or a second link to a folder already read
+            dirnames.clear()
+            continue
+        seen.add(real)
+        dirnames.sort()
+        yield dirpath, filenames
 
 
 def discover(root: str | os.PathLike, require_labels: bool = True) -> list[Subject]:
@@ -171,9 +217,8 @@ def discover(root: str | os.PathLike, require_labels: bool = True) -> list[Subje
         raise CMFLError(root, "data root must be a folder or a .csv listing subjects")
 
     groups: dict[tuple[str, str], dict[str, str]] = defaultdict(dict)
-    family: dict[tuple[str, str], str] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
+    family: dict[tuple[str, str], NamingFamily] = {}
+    for dirpath, filenames in _walk(root):
         for name in sorted(filenames):
             parsed = _parse(name)
             if parsed is None:
@@ -192,19 +237,18 @@ def discover(root: str | os.PathLike, require_labels: bool = True) -> list[Subje
     subjects = []
     for (dirpath, sid), files in sorted(groups.items(), key=lambda kv: kv[0][1]):
         fam = family[(dirpath, sid)]
-        suffixes = _SUFFIXES_2023 if fam == "2023" else _SUFFIXES_CLASSIC
-        missing = [suffixes[m] for m in MODALITIES if m not in files]
+        missing = [fam.suffixes[m] for m in MODALITIES if m not in files]
         if missing:
             raise CMFLError(dirpath, f"subject {sid} is missing modality {', '.join(missing)}")
         if require_labels and "seg" not in files:
-            raise CMFLError(dirpath, f"subject {sid} has no label map (*{suffixes['seg']}.nii.gz)")
+            raise CMFLError(dirpath, f"subject {sid} has no label map (*{fam.suffixes['seg']}.nii.gz)")
         subjects.append(
             Subject(
                 subject_id=sid,
-                layout="brats2023" if fam == "2023" else _release_of(sid),
+                layout=fam.release_of(sid),
                 images=tuple(files[m] for m in MODALITIES),  # type: ignore[arg-type]
                 label=files.get("seg"),
-                et_label=3 if fam == "2023" else 4,
+                et_label=fam.et_label,
                 grade=_grade_of(dirpath),
             )
         )
