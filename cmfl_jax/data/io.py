@@ -16,7 +16,7 @@ import zlib
 import nibabel as nib
 import numpy as np
 
-from cmfl_jax.data.layouts import MODALITIES, Subject, allowed_labels, to_internal
+from cmfl_jax.data.subject import MODALITIES, Subject, allowed_labels, to_internal
 from cmfl_jax.errors import CMFLError
 
 AFFINE_TOLERANCE = 1e-3  # mm; BraTS modalities are co-registered, so their affines agree to float precision.

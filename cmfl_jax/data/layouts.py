@@ -16,7 +16,6 @@ Inside the package labels always follow BraTS 2017/2018: 0 background, 1 NCR/NET
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import functools
 import os
@@ -24,14 +23,20 @@ import re
 from collections import defaultdict
 from collections.abc import Iterator, Mapping
 
-import numpy as np
-
+from cmfl_jax.data.csv_layout import read_subject_csv
+from cmfl_jax.data.subject import (  # re-exported: the names every layout shares
+    INTERNAL_LABELS,
+    MODALITIES,
+    Subject,
+    allowed_labels,
+    check_unique_ids,
+    to_dataset,
+    to_internal,
+)
 from cmfl_jax.errors import CMFLError
 
-# Channel order used everywhere inside the package: pair A = (t1, t1ce), pair B = (t2, flair).
-MODALITIES = ("t1", "t1ce", "t2", "flair")
-INTERNAL_LABELS = (0, 1, 2, 4)
-
+__all__ = ["INTERNAL_LABELS", "MODALITIES", "NAMING_FAMILIES", "WRITABLE_LAYOUTS", "NamingFamily", "Subject",
+           "allowed_labels", "discover", "subject_file_paths", "to_dataset", "to_internal"]
 
 @dataclasses.dataclass(frozen=True)
 class NamingFamily:
@@ -104,52 +109,6 @@ def _writable() -> dict[str, tuple[NamingFamily, str, bool]]:
 WRITABLE_LAYOUTS = tuple(sorted(_writable()))
 
 
-@dataclasses.dataclass(frozen=True)
-class Subject:
-    """One subject on disk.
-
-    Attributes:
-      subject_id: the dataset's own id (folder name in the BraTS releases).
-      layout: release the names come from (``brats2018``, ``brats2023``, ``csv``, ...).
-      images: paths of T1, T1c, T2 and FLAIR, in :data:`MODALITIES` order.
-      label: path of the label map, or None for unlabelled (validation/test) data.
-      et_label: the value the dataset uses for enhancing tumour (4, or 3 for 2023+).
-      grade: ``HGG``/``LGG`` when the folder tree says so, else None.
-    """
-
-    subject_id: str
-    layout: str
-    images: tuple[str, str, str, str]
-    label: str | None
-    et_label: int = 4
-    grade: str | None = None
-
-    @property
-    def folder(self) -> str:
-        return os.path.dirname(self.images[0])
-
-
-def _relabel(label: np.ndarray, old: int, new: int) -> np.ndarray:
-    out = np.asarray(label).astype(np.uint8)  # a copy: the caller's array is never changed
-    out[out == old] = new
-    return out
-
-
-def to_internal(label: np.ndarray, et_label: int) -> np.ndarray:
-    """Map a dataset label map to the internal 0/1/2/4 convention (uint8)."""
-    return _relabel(label, et_label, 4)
-
-
-def to_dataset(label: np.ndarray, et_label: int) -> np.ndarray:
-    """Map an internal 0/1/2/4 label map back to the dataset's convention (uint8)."""
-    return _relabel(label, 4, et_label)
-
-
-def allowed_labels(et_label: int) -> tuple[int, ...]:
-    """Label values a dataset with this enhancing-tumour value may contain."""
-    return (0, 1, 2, et_label)
-
-
 def subject_file_paths(root: str | os.PathLike, layout: str, index: int, grade: str = "HGG") -> Subject:
     """Where subject number ``index`` lives in a tree of the given release layout.
 
@@ -213,7 +172,7 @@ def discover(root: str | os.PathLike, require_labels: bool = True) -> list[Subje
         raise CMFLError(root, "data root does not exist")
     if os.path.isfile(root):
         if root.lower().endswith(".csv"):
-            return _read_csv(root, require_labels)
+            return read_subject_csv(root, require_labels)
         raise CMFLError(root, "data root must be a folder or a .csv listing subjects")
 
     groups: dict[tuple[str, str], dict[str, str]] = defaultdict(dict)
@@ -252,59 +211,7 @@ def discover(root: str | os.PathLike, require_labels: bool = True) -> list[Subje
                 grade=_grade_of(dirpath),
             )
         )
-    _check_unique_ids(root, subjects)
+    check_unique_ids(root, subjects)
     return subjects
 
 
-def _check_unique_ids(root: str, subjects: list[Subject]) -> None:
-    seen: dict[str, str] = {}
-    for s in subjects:
-        if s.subject_id in seen:
-            raise CMFLError(root, f"subject id {s.subject_id} appears twice ({seen[s.subject_id]} and {s.folder})")
-        seen[s.subject_id] = s.folder
-
-
-def _read_csv(path: str, require_labels: bool) -> list[Subject]:
-    """Explicit layout: one row per subject; relative paths are relative to the CSV's folder."""
-    base = os.path.dirname(os.path.abspath(path))
-    try:
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
-            columns = set(rows[0].keys()) if rows else set()
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise CMFLError(path, f"cannot read CSV ({e})") from e
-    needed = {"subject_id", *MODALITIES}
-    if not rows:
-        raise CMFLError(path, "no subjects found: the CSV has no rows")
-    if not needed <= columns:
-        raise CMFLError(path, f"CSV lacks column(s) {', '.join(sorted(needed - columns))}")
-
-    def resolve(p: str) -> str:
-        return os.path.normpath(os.path.join(base, p.strip()))
-
-    subjects = []
-    for i, row in enumerate(rows, start=2):
-        sid = (row["subject_id"] or "").strip()
-        if not sid:
-            raise CMFLError(path, f"line {i}: empty subject_id")
-        empty = [m for m in MODALITIES if not (row[m] or "").strip()]
-        if empty:
-            raise CMFLError(path, f"line {i}: subject {sid} is missing modality {', '.join(empty)}")
-        label = (row.get("seg") or "").strip() or None
-        if require_labels and label is None:
-            raise CMFLError(path, f"line {i}: subject {sid} has no label map (seg column)")
-        et_text = (row.get("et_label") or "4").strip()
-        if et_text not in ("3", "4"):
-            raise CMFLError(path, f"line {i}: et_label must be 3 or 4, got {et_text!r}")
-        subjects.append(
-            Subject(
-                subject_id=sid,
-                layout="csv",
-                images=tuple(resolve(row[m]) for m in MODALITIES),  # type: ignore[arg-type]
-                label=resolve(label) if label else None,
-                et_label=int(et_text),
-                grade=(row.get("grade") or "").strip().upper() or None,
-            )
-        )
-    _check_unique_ids(path, subjects)
-    return subjects

@@ -1,18 +1,12 @@
-"""Train/validation split of subjects: k folds fixed by a seed, independent of the order on disk; a split
-written as CSV data roots."""
+"""Train/validation split of subjects: k folds fixed by a seed, independent of the order on disk."""
 
 from __future__ import annotations
 
-import csv
-import io
-import os
 from collections.abc import Sequence
 from typing import TypeVar
 
 import numpy as np
 
-from cmfl_jax.data.io import atomic_path
-from cmfl_jax.data.layouts import MODALITIES, Subject
 from cmfl_jax.errors import CMFLError
 
 T = TypeVar("T")
@@ -45,15 +39,3 @@ def split_subjects(entries: Sequence[T], folds: int, fold: int, seed: int, key=l
     if not val:
         raise CMFLError("config.val.folds", f"fold {fold} of {folds} is empty with {len(entries)} subjects")
     return train, val
-
-
-def write_subject_csv(path: str, subjects: list[Subject]) -> None:
-    """The explicit CSV layout (``cmfl_jax.data.layouts``) listing ``subjects``: a data root of just them."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(["subject_id", *MODALITIES, "seg", "et_label", "grade"])
-    for s in subjects:
-        writer.writerow([s.subject_id, *(os.path.abspath(p) for p in s.images), os.path.abspath(s.label),
-                         s.et_label, s.grade or ""])
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        f.write(buffer.getvalue())

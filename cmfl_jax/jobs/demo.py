@@ -23,10 +23,11 @@ import ml_collections
 from absl import logging
 
 from cmfl_jax.config_defaults import model_config
+from cmfl_jax.data.csv_layout import write_subject_csv
 from cmfl_jax.data.dataset import resolve_root
 from cmfl_jax.data.io import atomic_path
 from cmfl_jax.data.layouts import Subject, discover
-from cmfl_jax.data.splits import split_subjects, write_subject_csv
+from cmfl_jax.data.splits import split_subjects
 from cmfl_jax.errors import CMFLError
 from cmfl_jax.jobs import PIPELINE, job_module
 from cmfl_jax.run_log import format_seconds
