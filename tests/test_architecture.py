@@ -132,3 +132,15 @@ def test_metrics_are_numpy_and_scipy_only():
 def test_no_module_over_250_lines_but_the_phantom():
     long = {m: n for m, p in package_modules().items() if (n := sum(1 for _ in open(p))) > 250}
     assert set(long) <= {"cmfl_jax.data.phantom"}, long
+
+
+def test_data_imports_only_data_errors_and_progress():
+    for module in (m for m in GRAPH if m.startswith("cmfl_jax.data")):
+        outside_data = {d for d in GRAPH[module] if not d.startswith("cmfl_jax.data")}
+        assert outside_data <= {"cmfl_jax.errors", "cmfl_jax.progress"}, (module, outside_data)
+
+
+def test_inference_needs_no_training_but_its_checkpoints():
+    for module in (m for m in GRAPH if m.startswith("cmfl_jax.inference")):
+        training = {d for d in GRAPH[module] if d.startswith("cmfl_jax.training")}
+        assert training <= {"cmfl_jax.training.checkpoints"}, (module, training)

@@ -98,15 +98,35 @@ def test_grafted_branches_equal_generators_but_for_the_head(data_root, cmft_run)
         np.testing.assert_array_equal(value, flat(random_params["S_F"])[key])
 
 
-def test_random_init_differs_from_cmft(data_root, cmft_run):
-    workdir, _ = cmft_run
-    cmft = tiny_cmff_config(data_root, **{"init.mode": "cmft", "init.cmft_workdir": str(workdir)})
+def test_known_generator_values_arrive_in_the_branches_not_the_heads_and_not_with_random_init(tmp_path, data_root):
+    """A CMFT checkpoint whose generators hold constants (G_AB: 0.25, G_BA: -0.5 in every array): "cmft" init puts
+    them in every S_A / S_B array but the 1^3 head, nowhere in S_F; "random" init puts them nowhere."""
+    cmft = tiny_cmft_config(data_root)
+    states = create_cmft_states(jax.random.key(7), cmft)
+    constants = {"g_ab": 0.25, "g_ba": -0.5}
+    for name, value in constants.items():
+        states[name] = states[name].replace(params=jax.tree.map(lambda x, v=value: np.full_like(x, v),
+                                                                states[name].params))
+    manager = checkpoints.make_manager(str(tmp_path))
+    checkpoints.save(manager, 5, states, {"step": 5}, force=True)
+    checkpoints.close(manager)
+
+    def holds(array, value):
+        return bool(np.all(np.asarray(array) == value))
+
+    config = tiny_cmff_config(data_root, **{"init.mode": "cmft", "init.cmft_workdir": str(tmp_path)})
+    params = {b: flat(p) for b, p in initial_params(jax.random.key(0), builder.cmff_net(config.model),
+                                                      config).items()}
+    for branch, value in (("S_A", constants["g_ab"]), ("S_B", constants["g_ba"])):
+        body = {k: v for k, v in params[branch].items() if not k.startswith("head/")}
+        assert len(body) == len(flat(states["g_ab"].params)) - 2  # all but the head's kernel and bias
+        assert all(holds(v, value) for v in body.values()), branch
+        assert not any(holds(params[branch][k], value) for k in ("head/kernel", "head/bias"))
+    assert not any(holds(v, c) for v in params["S_F"].values() for c in constants.values())
     random = tiny_cmff_config(data_root, **{"init.mode": "random"})
-    a = flat(initial_params(jax.random.key(0), builder.cmff_net(cmft.model), cmft)["S_A"])
-    b = flat(initial_params(jax.random.key(0), builder.cmff_net(random.model), random)["S_A"])
-    differing = [k for k in a if not np.array_equal(a[k], b[k])]
-    kernels = [k for k in a if k.endswith("kernel") and not k.startswith("head/")]
-    assert set(kernels) <= set(differing)
+    params = initial_params(jax.random.key(0), builder.cmff_net(random.model), random)
+    assert not any(holds(v, c) for branch in ("S_A", "S_B") for v in flat(params[branch]).values()
+                   for c in constants.values())
 
 
 def test_self_init_takes_the_self_reconstruction_generators(tmp_path, data_root):
