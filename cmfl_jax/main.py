@@ -1,4 +1,4 @@
-"""Command line: ``python -m cmfl_jax.main --config=configs/<job>.py[:variant] --workdir=DIR``.
+"""Command line: ``python -m cmfl_jax.main --config=configs/<job>.py[:variant] --workdir=DIR`` (or ``cmfl-jax ...``).
 
 The method's flow, one job per step, each driven by its config file (``config.job`` picks the job):
 
@@ -49,5 +49,10 @@ def main(argv: list[str]) -> None:
     cli_errors.run_reporting_errors(_run, FLAGS.workdir, FLAGS.verbose)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The ``cmfl-jax`` console command (``pip install -e .``): the same as ``python -m cmfl_jax.main``."""
     app.run(main, flags_parser=cli_errors.parse_flags)
+
+
+if __name__ == "__main__":
+    cli()

@@ -14,14 +14,23 @@ from cmfl_jax.data.io import read_nifti, write_nifti
 from .conftest import REPO, write_tiny_dataset
 
 
-def run_cli(*args, cache=None, timeout=240):
+def console_command() -> list[str]:
+    """``cmfl-jax``, the console command of ``pip install -e .`` beside this interpreter; ``.ci/run`` installs it,
+    so under CI a missing one fails. Elsewhere (a checkout without the install) ``python -m cmfl_jax.main``."""
+    path = os.path.join(os.path.dirname(sys.executable), "cmfl-jax")
+    if os.path.isfile(path):
+        return [path]
+    assert os.environ.get("CI") != "true", f"{path} missing: .ci/run installs the package with pip install -e ."
+    return [sys.executable, "-m", "cmfl_jax.main"]
+
+
+def run_cli(*args, cache=None, timeout=240, console=False):
+    """The CLI in a subprocess (``console``: through the ``cmfl-jax`` command)."""
     env = dict(os.environ, CI="true")
     if cache:
         env["CMFL_JAX_CACHE"] = str(cache)
-    return subprocess.run(
-        [sys.executable, "-m", "cmfl_jax.main", *args], cwd=REPO, env=env, capture_output=True, text=True,
-        timeout=timeout,
-    )
+    command = console_command() if console else [sys.executable, "-m", "cmfl_jax.main"]
+    return subprocess.run([*command, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def cache_files(cache):

@@ -1,4 +1,4 @@
-"""configs/demo.py:smoke end to end through the CLI: every artefact, a parsable metrics table, reuse on a re-run."""
+"""configs/demo.py:smoke end to end through the console command: every artefact, the metrics table, reuse."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def parse_summary_table(text: str) -> dict[str, dict[str, float]]:
 def test_demo_smoke_end_to_end(tmp_path):
     work = tmp_path / "demo"
     args = ("--config=configs/demo.py:smoke", f"--workdir={work}")
-    r = run_cli(*args, cache=tmp_path / "cache", timeout=300)
+    r = run_cli(*args, cache=tmp_path / "cache", timeout=300, console=True)  # cmfl-jax, as pip install -e . gives it
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stderr == ""
 
