@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -81,11 +80,34 @@ def test_unet_impls_share_params_and_agree():
     np.testing.assert_allclose(native.apply(params, x)[0], fast.apply(params, x)[0], rtol=1e-4, atol=1e-4)
 
 
+def unet_param_shapes(cin: int, out: int, base: int) -> dict:
+    """The param tree of a depth-2 ``UNet3D``, written out by hand (Fig. 3: two levels, then the bottleneck)."""
+    conv = lambda k, i, o: {"kernel": (k, k, k, i, o), "bias": (o,)}
+    norm = lambda c: {"scale": (c,), "bias": (c,)}
+    block = lambda i, c: {"conv_0": conv(3, i, c), "norm_0": norm(c), "conv_1": conv(3, c, c), "norm_1": norm(c)}
+    b = base
+    return {
+        "enc_0": block(cin, b), "enc_1": block(b, 2 * b), "bottleneck": block(2 * b, 4 * b),
+        "up_1": conv(2, 4 * b, 2 * b), "dec_1": block(4 * b, 2 * b),  # up-sampled 2b + skip 2b channels in
+        "up_0": conv(2, 2 * b, b), "dec_0": block(2 * b, b),
+        "head": conv(1, b, out),
+    }
+
+
 def test_bfloat16_compute_with_float32_params():
     net = UNet3D(2, base=4, depth=2, dtype=jnp.bfloat16)
-    x = jnp.ones((1, 16, 16, 16, 2))
+    x = jax.random.normal(jax.random.key(1), (1, 16, 16, 16, 2))
     params = net.init(jax.random.key(0), x)
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
-    out, _ = net.apply(params, x)
-    assert out.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(out)))
-    assert isinstance(net, nn.Module)
+    assert jax.tree.map(lambda p: p.shape, params["params"]) == unet_param_shapes(2, 2, 4)
+    # enc 220+8+436+8, 872+16+1736+16; bottleneck 3472+32+6928+32; up 1032, 260; dec 3464+16+1736+16,
+    # 868+8+436+8; head 10.
+    assert sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params)) == 21630
+    out, (f1, f2) = net.apply(params, x)
+    assert out.shape == (1, 16, 16, 16, 2) and out.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(out)))
+    assert f1.shape == f2.shape == (1, 16, 16, 16, 4)
+    assert f1.dtype == f2.dtype == jnp.bfloat16  # the features are computed in bfloat16
+    # The same params in float32 give nearly the same output (bfloat16 keeps ~3 significant digits), not the same.
+    out32, _ = jax.jit(UNet3D(2, base=4, depth=2).apply)(params, x)
+    err = float(jnp.linalg.norm(out - out32) / jnp.linalg.norm(out32))
+    assert 0.0 < err < 0.05, err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,6 +36,41 @@ def test_none_ignores_masks_and_mask_uses_them():
     background = jnp.zeros_like(pa).at[..., 0].set(1.0)
     np.testing.assert_allclose(mask.apply(params, fa, fb, background, background),
                                none.apply(params, fa, fb, background, background), rtol=1e-6, atol=1e-6)
+
+
+def inputs_of(module_name, apply_fn, *args):
+    """Run ``apply_fn(*args)`` and return the input of the submodule ``module_name`` (seen by an interceptor)."""
+    seen = []
+
+    def record(next_fun, args, kwargs, context):
+        if context.module.name == module_name and context.method_name == "__call__":
+            seen.append(np.asarray(args[0]))
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        apply_fn(*args)
+    assert len(seen) == 1, (module_name, len(seen))
+    return seen[0]
+
+
+def test_mask_guided_attention_is_f_plus_f_ma_plus_f_mb():
+    """The features entering the last block are F + F * m_A + F * m_B, with m = 1 - p[background], by hand.
+
+    F is what enters that block with ``attention="none"`` (same params, same features): the fused features
+    unchanged. Masks are random and in (0, 1), so other formulas equal at m = 0 (F * (1 + m_A * m_B),
+    F * (1 + (m_A + m_B) / 2), masks from the wrong channel or the wrong branch, ...) all differ.
+    """
+    fa, fb, pa, pb = fusion_inputs(seed=3, shape=(1, 4, 4, 4))
+    none = FusionBranch(features=4, attention="none", conv_impl="native")
+    mask = FusionBranch(features=4, attention="mask", conv_impl="native")
+    params = mask.init(jax.random.key(0), fa, fb, pa, pb)
+    f = inputs_of("out_conv", none.apply, params, fa, fb, pa, pb).astype(np.float64)
+    got = inputs_of("out_conv", mask.apply, params, fa, fb, pa, pb)
+    m_a = 1.0 - np.asarray(pa, np.float64)[..., :1]
+    m_b = 1.0 - np.asarray(pb, np.float64)[..., :1]
+    assert f.shape == got.shape == (1, 4, 4, 4, 4) and np.std(f) > 0.1
+    assert 0.05 < m_a.mean() < 0.95 and 0.05 < m_b.mean() < 0.95 and np.std(m_a - m_b) > 0.05
+    np.testing.assert_allclose(got, f + f * m_a + f * m_b, rtol=1e-5, atol=1e-6)
 
 
 def test_cbam_has_its_own_params_and_ignores_masks():

@@ -73,6 +73,55 @@ def test_background_patches_when_tumour_prob_zero(entries):
     assert not all(in_tumour)  # tumour is ~4% of the brain: 30 uniform draws all inside is ~1e-42
 
 
+def centre_draws(entries, tumour_prob, n, seed):
+    """Subject index, centre and whether the centre is tumour, for ``n`` single-patch batches (4^3)."""
+    labels = [np.asarray(e.label()) for e in entries]
+    draws = take(patch_dataset(entries, (4, 4, 4), seed=seed, tumour_prob=tumour_prob), n)
+    subjects = np.array([int(b["subject_index"][0]) for b in draws])
+    centres = np.array([b["centre"][0] for b in draws])
+    in_tumour = np.array([labels[s][tuple(c)] > 0 for s, c in zip(subjects, centres, strict=True)])
+    return subjects, centres, in_tumour
+
+
+@pytest.mark.parametrize("tumour_prob,n", [(0.0, 300), (0.3, 450)])
+def test_share_of_centres_in_the_tumour_matches_tumour_prob(entries, tumour_prob, n):
+    """A centre is a tumour voxel with probability p + (1 - p) q: p for a tumour draw, then q for a uniform draw.
+
+    The uniform draw is over the brain's bounding box (``meta["brain_bbox"]``), so q is the share of that
+    box the tumour fills (~5 % here). Deterministic (fixed seed); the bound is 4.5 binomial sigmas, so a
+    changed random stream would not break it, while a wrong p does: with these draws, expecting p = 0.1
+    instead of 0 gives z = -5.6, and p = 0.2 or 0.5 instead of 0.3 gives z = +5.5 or -7.4.
+    """
+    q = []
+    for e in entries:
+        box = e.meta["brain_bbox"]
+        inside = np.asarray(e.label())[tuple(slice(lo, hi) for lo, hi in box)] > 0
+        assert np.count_nonzero(inside) == len(e.tumour_index())  # the whole tumour is in the box
+        q.append(inside.mean())
+    assert all(0.02 < x < 0.1 for x in q)
+    subjects, _, in_tumour = centre_draws(entries, tumour_prob, n, seed=11)
+    assert np.bincount(subjects).tolist() == [n // 3] * 3  # every subject once per epoch
+    prob = tumour_prob + (1 - tumour_prob) * np.asarray(q)[subjects]  # per draw
+    expected, sigma = prob.sum(), np.sqrt(np.sum(prob * (1 - prob)))
+    assert abs(in_tumour.sum() - expected) < 4.5 * sigma, (in_tumour.sum(), expected, sigma)
+
+
+def test_tumour_centres_are_uniform_over_the_tumour(entries):
+    """With tumour_prob=1 the centres are tumour voxels drawn uniformly: each class as often as its share of
+    the tumour's voxels, and the mean centre at the tumour's centroid (within 4.5 binomial/normal sigmas)."""
+    subjects, centres, in_tumour = centre_draws(entries, 1.0, 150, seed=12)
+    assert in_tumour.all()
+    labels = [np.asarray(e.label()) for e in entries]
+    classes = np.array([labels[s][tuple(c)] for s, c in zip(subjects, centres, strict=True)])
+    for k in (1, 2, 4):
+        share = np.array([np.mean(lab[lab > 0] == k) for lab in labels])[subjects]
+        assert abs(np.sum(classes == k) - share.sum()) < 4.5 * np.sqrt(np.sum(share * (1 - share))), k
+    voxels = [np.argwhere(lab > 0) for lab in labels]
+    mean = np.array([v.mean(0) for v in voxels])[subjects].mean(0)
+    sd_of_mean = np.sqrt(np.array([v.var(0) for v in voxels])[subjects].sum(0)) / len(subjects)
+    assert np.all(np.abs(centres.mean(0) - mean) < 4.5 * sd_of_mean), (centres.mean(0), mean, sd_of_mean)
+
+
 def test_patch_larger_than_volume_is_zero_padded(entries):
     (b,) = take(patch_dataset(entries, (32, 32, 32), seed=0), 1)
     assert b["image"].shape == (1, 32, 32, 32, 4)

@@ -95,6 +95,55 @@ class Phantom:
     centre: tuple[int, int, int]
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class TumourShape:
+    """One subject's tumour, as drawn by :func:`make_subject`; lengths in template mm.
+
+    The values are kept exactly as drawn (NumPy or Python scalars): converting them would change
+    NumPy's type promotion against float32 arrays and so the phantom's bits.
+
+    Attributes:
+      centre: (3,) template world position of the tumour centre.
+      core_metric: (3, 3) float32 matrix, determinant 1, that turns an offset from the centre into the
+        core's anisotropic radius ``|core_metric @ d|`` (an elongated, flattened blob).
+      whole_metric: the same for the whole tumour (oedema included).
+      r_core: mean radius of the tumour core (enhancing rim and necrosis, or the LGG-like core).
+      r_whole: mean radius of the whole tumour.
+      rim: thickness of the enhancing rim around the necrotic core (HGG only).
+      shell: least oedema around the core.
+      enhancing: True for HGG (necrosis inside an enhancing rim), False for the LGG-like core.
+    """
+
+    centre: np.ndarray
+    core_metric: np.ndarray
+    whole_metric: np.ndarray
+    r_core: float
+    r_whole: float
+    rim: float
+    shell: float
+    enhancing: bool
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Grid:
+    """How the output voxel grid maps to template mm: ``y = g_mat @ v + g_vec`` for voxel index ``v``.
+
+    Attributes:
+      g_mat, g_vec: the affine map from output voxel index to template world mm.
+      spacing: (3,) output voxel size in mm.
+      scale: (3,) output mm per template mm, per axis.
+      voxel_mm: mean output voxel size in template mm.
+      voxel_ref_mm3: one output voxel in mm^3 of the same subject on the BraTS grid.
+    """
+
+    g_mat: np.ndarray
+    g_vec: np.ndarray
+    spacing: np.ndarray
+    scale: np.ndarray
+    voxel_mm: float
+    voxel_ref_mm3: float
+
+
 # ----------------------------------------------------------------------------------------------
 # Template (cached per process)
 
@@ -293,7 +342,16 @@ def make_subject(
     rim = rng.uniform(2.2, 5.0) / _REF_SCALE
     shell = rng.uniform(1.5, 4.0) / _REF_SCALE  # least oedema around the core
     centre = _pick_centre(rng, tmpl, r_core, to_voxel, n, r_wt * float(np.max(scale) / spacing.min()))
-    shapes = [_random_spd(rng, 0.18), _random_spd(rng, 0.25)]  # core / whole-tumour anisotropy
+    tumour_shape = TumourShape(
+        centre=centre,
+        core_metric=_random_spd(rng, 0.18),
+        whole_metric=_random_spd(rng, 0.25),
+        r_core=r_core,
+        r_whole=r_wt,
+        rim=rim,
+        shell=shell,
+        enhancing=hgg,
+    )
 
     # --- Coarse grid: deformation, mass effect, template coordinates.
     step = int(np.clip(np.round(4.0 / vox_t), 1, 4))
@@ -330,11 +388,8 @@ def make_subject(
     gm, wm, csf, t1 = gm[inside] * inv_total, wm[inside] * inv_total, csf[inside] * inv_total, t1[inside]
 
     # --- Tumour fields at brain voxels (label and soft fractions for partial volume).
-    tumour = _tumour(
-        rng, idx, g_mat, g_vec, centre, shapes, r_core, r_wt, rim, shell, hgg, wm, csf, vox_t, spacing, scale,
-        voxel_ref_mm3,
-    )
-    sel, s_wt, s_core, s_nec, tex, alpha, lab = tumour
+    grid = _Grid(g_mat=g_mat, g_vec=g_vec, spacing=spacing, scale=scale, voxel_mm=vox_t, voxel_ref_mm3=voxel_ref_mm3)
+    sel, s_wt, s_core, s_nec, tex, alpha, lab = _tumour(rng, tumour_shape, grid, idx, wm, csf)
 
     # --- Intensities.
     contrast = {k: np.asarray(v, np.float32) for k, v in _CONTRAST.items()}
@@ -422,14 +477,22 @@ def _poly_basis(idx: np.ndarray, n: np.ndarray) -> np.ndarray:
 
 
 def _tumour(
-    rng, idx, g_mat, g_vec, centre, shapes, r_core, r_wt, rim, shell, hgg, wm, csf, vox_t, spacing, scale, voxel_ref_mm3
+    rng: np.random.Generator, tumour: TumourShape, grid: _Grid, idx: np.ndarray, wm: np.ndarray, csf: np.ndarray
 ):
     """Soft tumour fractions and labels at the brain voxels near the tumour.
 
-    Distances are in template mm, so the tumour keeps its size relative to the brain on any grid.
-    The whole tumour's volume is brought into the plausible BraTS range by rescaling (at most a few
-    rounds; the random shape makes the volume hard to predict exactly).
+    ``idx`` (3, N) are the output voxel indices of the brain, ``wm`` and ``csf`` (N,) their tissue
+    fractions. Distances are in template mm, so the tumour keeps its size relative to the brain on any
+    grid. The whole tumour's volume is brought into the plausible BraTS range by rescaling (at most a
+    few rounds; the random shape makes the volume hard to predict exactly).
+
+    Returns ``(sel, s_wt, s_core, s_nec, tex, alpha, lab)``: the indices into the N brain voxels near
+    the tumour, and at those voxels the soft whole-tumour, core and necrosis fractions, the texture
+    noise, the oedema's fluid share, and the labels.
     """
+    centre, metrics = tumour.centre, (tumour.core_metric, tumour.whole_metric)
+    r_core, r_wt, hgg = tumour.r_core, tumour.r_whole, tumour.enhancing
+    g_mat, g_vec, vox_t = grid.g_mat, grid.g_vec, grid.voxel_mm
     lattice_step = 7.0  # template mm between random nodes of the shape noise
     half = 2.5 * r_wt + 3 * lattice_step
     nodes = int(np.ceil(2 * half / lattice_step)) + 1
@@ -440,10 +503,10 @@ def _tumour(
     ratio = 1.0
     width = np.float32(0.45 * vox_t)
     # Farthest extent of each boundary (noise is clipped to +-2), so nothing is cut off by the selection.
-    stretch = [1.0 / float(np.linalg.eigvalsh(m).min()) for m in shapes]
+    stretch = [1.0 / float(np.linalg.eigvalsh(m).min()) for m in metrics]
     for _ in range(4):
         reach = max(r_core * 1.4 * stretch[0], r_wt * 1.62 * stretch[1]) * ratio + 2 * vox_t
-        reach_vox = reach * float(np.max(scale)) / spacing + 1
+        reach_vox = reach * float(np.max(grid.scale)) / grid.spacing + 1
         c_vox = np.linalg.solve(g_mat, centre - g_vec)
         near = np.all(np.abs(idx - c_vox[:, None]) <= reach_vox[:, None], axis=0)
         sel = np.nonzero(near)[0]
@@ -452,16 +515,16 @@ def _tumour(
         n_core, n_rim, n_wt, tex = (
             np.clip(ndimage.map_coordinates(f, q, order=1, prefilter=False), -2, 2) for f in fine
         )
-        r1 = np.sqrt(np.sum((shapes[0] @ d) ** 2, axis=0))
-        r2 = np.sqrt(np.sum((shapes[1] @ d) ** 2, axis=0))
+        r1 = np.sqrt(np.sum((tumour.core_metric @ d) ** 2, axis=0))
+        r2 = np.sqrt(np.sum((tumour.whole_metric @ d) ** 2, axis=0))
         f_core = r1 - r_core * ratio * (1 + 0.2 * n_core)
-        f_nec = f_core + np.maximum(rim * (1 + 0.35 * n_rim), 1.3 * vox_t)  # >= 1 voxel of rim on coarse grids
+        f_nec = f_core + np.maximum(tumour.rim * (1 + 0.35 * n_rim), 1.3 * vox_t)  # >= 1 voxel of rim on coarse grids
         f_wt = r2 - r_wt * ratio * (1 + 0.25 * n_wt + wm_bias * (wm[sel] - 0.6))
         s_core = _sigmoid(-f_core / width)
         s_nec = _sigmoid(-f_nec / width) if hgg else np.zeros_like(s_core)
-        f_wt = np.minimum(f_wt, f_core - shell)  # oedema surrounds the core
+        f_wt = np.minimum(f_wt, f_core - tumour.shell)  # oedema surrounds the core
         s_wt = np.maximum(s_core, _sigmoid(-f_wt / width) * (1 - csf[sel]) ** 2)
-        ref_cm3 = np.count_nonzero(s_wt >= 0.5) * voxel_ref_mm3 / 1000.0
+        ref_cm3 = np.count_nonzero(s_wt >= 0.5) * grid.voxel_ref_mm3 / 1000.0
         if _WT_RANGE_CM3[0] <= ref_cm3 <= _WT_RANGE_CM3[1]:
             break
         target = float(np.clip(ref_cm3, *_WT_RANGE_CM3))
