@@ -1,7 +1,9 @@
 """Export a CMFF run for evaluation: params only, the model config, metrics, and a StableHLO window function.
 
   python -m cmfl_jax.main --config=configs/export.py --workdir=runs/export --config.model_dir=runs/cmff
-Writes ``<workdir>/bundle`` (or ``config.out_dir``); ``configs/predict.py`` takes it as ``config.model_dir``.
+Writes ``<workdir>/bundle`` (or ``config.out_dir``); ``configs/predict.py`` takes it as ``config.model_dir``
+(``--config.use_stablehlo=true`` runs the StableHLO without model code). The StableHLO is exported for every
+platform of ``config.platforms`` (one file; the platform is picked where it runs) with a symbolic batch.
 """
 
 import ml_collections
@@ -13,6 +15,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model_dir = ""  # workdir of a CMFF run (configs/cmff.py)
     config.checkpoint = "best"  # "best" | "final" | "latest"
     config.out_dir = ""  # "" -> <workdir>/bundle
+    config.platforms = "cpu,cuda,tpu"  # comma-separated: cpu, cuda, rocm, tpu (lowered here, no such device needed)
     if arg:
         raise ValueError(f"unknown variant {arg!r} of configs/export.py (none defined)")
     return config

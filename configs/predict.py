@@ -5,6 +5,14 @@
 Writes ``<workdir>/predictions/<subject>.nii.gz`` (the input's affine and header, the dataset's labels:
 ET = 4, or 3 for BraTS 2023+). Subjects need no label map. An empty ``data.root`` predicts the built-in
 synthetic data set.
+
+One case from four files, no folder tree or CSV (``case_id`` defaults to the T1 file's name; ``et_label`` is the
+value written for enhancing tumour):
+  python -m cmfl_jax.main --config=configs/predict.py --workdir=runs/predict --config.model_dir=runs/bundle \
+      --config.case=t1.nii.gz,t1ce.nii.gz,t2.nii.gz,flair.nii.gz --config.case_id=patient7
+With a bundle (configs/export.py) as ``model_dir``, ``--config.use_stablehlo=true`` runs its exported StableHLO
+function (JAX alone, no model code) instead of rebuilding the Flax model. A re-run skips the subjects whose
+outputs exist (``--config.overwrite=true`` redoes them).
 """
 
 import ml_collections
@@ -17,11 +25,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.job = "predict"
     config.model_dir = ""  # workdir of a CMFF run (configs/cmff.py), or a bundle from configs/export.py
     config.checkpoint = "best"  # of a workdir: "best" (highest validation mean Dice) | "final" | "latest"
+    config.use_stablehlo = False  # with a bundle: run its StableHLO window function, not the rebuilt Flax model
     config.data = data_config()
     config.data.require_labels = False
+    config.case = ""  # "t1,t1ce,t2,flair": four NIfTI files of one case, predicted instead of data.root
+    config.case_id = ""  # name of that case's output; "" -> the T1 file's name without extension and _t1 suffix
+    config.et_label = 4  # enhancing-tumour value written for config.case (4; 3 for BraTS 2023+ conventions)
     config.out_dir = ""  # "" -> <workdir>/predictions
+    config.overwrite = False  # False: skip subjects whose outputs (label map, probabilities if saved) exist
     config.overlap = 0.5  # sliding-window overlap; the window is the run's training patch size
-    config.batch_size = 1  # windows per network call
+    config.batch_size = 1  # windows per network call (any number with a bundle's symbolic-batch StableHLO)
     config.mirror = False  # test-time mirroring over the 8 flips (8x the time)
     config.save_probabilities = False  # also write <subject>_probabilities.nii.gz (float32, 4 classes)
     config.overlays = False  # also write <workdir>/overlays/<subject>.png: 3 planes, prediction (and label) over FLAIR

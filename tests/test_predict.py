@@ -1,7 +1,9 @@
-"""Prediction job: a CMFF workdir -> one NIfTI per subject, in the input's geometry and label convention."""
+"""Prediction job: a CMFF workdir -> one NIfTI per subject, in the input's geometry and label convention; one case
+from four files; a re-run resumes (skips what is done and up to date)."""
 
 from __future__ import annotations
 
+import logging
 import os
 
 import jax
@@ -15,8 +17,9 @@ from cmfl_jax.data.preprocess import preprocess_images
 from cmfl_jax.errors import CMFLError
 from cmfl_jax.inference.predictor import load_workdir
 from cmfl_jax.inference.sliding_window import restrict_to_brain, sliding_window
+from cmfl_jax.inference.stablehlo import VolumePredictor
 from cmfl_jax.jobs.cmff import train as train_cmff
-from cmfl_jax.jobs.predict import run
+from cmfl_jax.jobs.predict import case_subject, run
 from cmfl_jax.label_classes import classes_to_labels
 from configs import predict as predict_config
 
@@ -120,6 +123,72 @@ def test_bundle_round_trip_and_stablehlo_equal_the_model(tmp_path, cmff_workdir)
     config.model_dir, config.data.root = bundle, str(tmp_path / "data")
     run(config, str(tmp_path / "out"))
     assert os.listdir(tmp_path / "out" / "predictions") == ["Brats18_SYN_0000_1.nii.gz"]
+
+
+def test_one_case_from_four_files(tmp_path, cmff_workdir):
+    workdir, _ = cmff_workdir
+    (subject,) = write_tiny_dataset(tmp_path / "data", n=1)
+    config = predict_config.get_config()
+    config.model_dir, config.checkpoint = str(workdir), "final"
+    config.case, config.case_id, config.et_label = ",".join(subject.images), "patient7", 3
+    run(config, str(tmp_path / "out"))
+    assert os.listdir(tmp_path / "out" / "predictions") == ["patient7.nii.gz"]
+    written = np.asarray(nib.load(tmp_path / "out" / "predictions" / "patient7.nii.gz").dataobj)
+    predictor = load_workdir(str(workdir), "final")
+    want, _ = predictor.labels(predictor.model_input(load_subject(subject, with_label=False)))
+    np.testing.assert_array_equal(written, np.where(want == 4, 3, want))
+    # the default id is the T1 file's name without extension and modality suffix
+    case = case_subject(",".join(subject.images))
+    assert (case.subject_id, case.layout, case.label, case.et_label) == ("Brats18_SYN_0000_1", "case", None, 4)
+    assert case.images == subject.images
+
+
+def test_a_wrong_case_is_one_line(tmp_path):
+    files = [str(tmp_path / f"{m}.nii.gz") for m in ("t1", "t1ce", "t2", "flair")]
+    for f in files[1:]:
+        open(f, "w").close()
+    with pytest.raises(CMFLError, match=rf"^{files[0]}: file not found \(config.case\)$"):
+        case_subject(",".join(files))
+    r = run_cli("--config=configs/predict.py", f"--workdir={tmp_path / 'w'}", "--config.model_dir=/nowhere",
+                f"--config.case={','.join(files[1:])}", cache=tmp_path / "cache")
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        "cmfl_jax: error: config.case: expected 4 comma-separated files (t1,t1ce,t2,flair), got 3"]
+
+
+def test_a_rerun_predicts_only_what_is_missing_or_stale(tmp_path, cmff_workdir, monkeypatch, caplog):
+    workdir, _ = cmff_workdir
+    subjects = write_tiny_dataset(tmp_path / "data", n=3)
+    config = predict_config.get_config()
+    config.model_dir, config.checkpoint = str(workdir), "final"
+    config.data.root, config.save_probabilities = str(tmp_path / "data"), True
+    out = tmp_path / "out" / "predictions"
+    predicted = []
+    labels = VolumePredictor.labels
+    monkeypatch.setattr(VolumePredictor, "labels", lambda self, *a: predicted.append(1) or labels(self, *a))
+    caplog.set_level(logging.INFO, logger="absl")
+
+    def rerun(**overrides):
+        predicted.clear()
+        caplog.clear()
+        config.update(overrides)
+        run(config, str(tmp_path / "out"))
+        mtimes = {f: os.stat(out / f).st_mtime_ns for f in os.listdir(out)}
+        return len(predicted), mtimes
+
+    calls, first = rerun()
+    assert calls == 3 and len(first) == 6
+    ids = [s.subject_id for s in subjects]
+    os.remove(out / f"{ids[1]}.nii.gz")  # a run stopped between the two files of a subject
+    calls, second = rerun()
+    assert calls == 1 and "predict: skipped 2 of 3 subject(s) already predicted" in caplog.text
+    assert {f: t for f, t in second.items() if ids[1] not in f} == {f: t for f, t in first.items() if ids[1] not in f}
+    assert second[f"{ids[1]}.nii.gz"] > first[f"{ids[0]}.nii.gz"]  # rewritten
+    os.utime(out / f"{ids[2]}_probabilities.nii.gz", (1, 1))  # older than the model: stale
+    calls, third = rerun()
+    assert calls == 1 and third[f"{ids[2]}_probabilities.nii.gz"] > second[f"{ids[1]}.nii.gz"]
+    calls, fourth = rerun(overwrite=True)
+    assert calls == 3 and all(fourth[f] > third[f] for f in third) and "predict: skipped" not in caplog.text
 
 
 def test_tumour_centre_is_the_centre_of_mass():

@@ -2,7 +2,9 @@
 
 The model is rebuilt from the run's config (``config.json`` of the workdir, or the copy in
 ``bundle.json``) and only its params are restored (no optimizer state). Both sources give the same
-:class:`Predictor`, so prediction, evaluation and export never care which one they got.
+:class:`Predictor`, so prediction, evaluation and export never care which one they got. A bundle can
+also be run from its StableHLO alone, without this module or any model code:
+:func:`cmfl_jax.inference.stablehlo.load_stablehlo_predictor` gives a predictor with the same interface.
 """
 
 from __future__ import annotations
@@ -18,23 +20,23 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from cmfl_jax.data.io import LoadedSubject
-from cmfl_jax.data.preprocess import preprocess_images
 from cmfl_jax.errors import CMFLError
-from cmfl_jax.inference.sliding_window import cmff_predict_fn, restrict_to_brain, sliding_window
-from cmfl_jax.label_classes import classes_to_labels
+from cmfl_jax.inference.sliding_window import cmff_predict_fn, sliding_window
+from cmfl_jax.inference.stablehlo import BUNDLE_FILE, BUNDLE_FORMAT, VolumePredictor, read_bundle_info
 from cmfl_jax.models import builder
 from cmfl_jax.training import checkpoints
 
+__all__ = ["BUNDLE_FILE", "BUNDLE_FORMAT", "CHECKPOINT_DIRS", "Predictor", "is_bundle", "load_bundle",
+           "load_predictor", "load_workdir"]
+
 # config.checkpoint -> the CMFF workdir's sub-folder.
 CHECKPOINT_DIRS = {"best": "best", "final": "final", "latest": "checkpoints"}
-BUNDLE_FILE = "bundle.json"
-BUNDLE_FORMAT = 1
 
 
 @dataclasses.dataclass
-class Predictor:
-    """A trained CMFFNet and what prediction needs to know about its training."""
+class Predictor(VolumePredictor):
+    """A trained CMFFNet and what prediction needs to know about its training (``model_input`` and ``labels``
+    come from :class:`~cmfl_jax.inference.stablehlo.VolumePredictor`)."""
 
     model: object
     params: dict
@@ -48,16 +50,6 @@ class Predictor:
         """Class probabilities ``(D, H, W, 4)`` of a pre-processed ``(D, H, W, 4)`` volume."""
         fn = _predict_fn(self.model, self.pairing, mirror)
         return sliding_window(functools.partial(fn, self.params), image, window or self.window, overlap, batch_size)
-
-    def model_input(self, loaded: LoadedSubject) -> np.ndarray:
-        """The pre-processed ``(D, H, W, 4)`` volume the model takes, normalised as in its training."""
-        return np.moveaxis(preprocess_images(loaded.images, self.normalization), 0, -1)
-
-    def labels(self, image: np.ndarray, overlap: float = 0.5, batch_size: int = 1, mirror: bool = False
-               ) -> tuple[np.ndarray, np.ndarray]:
-        """(internal 0/1/2/4 label map, class probabilities) of a pre-processed volume."""
-        probs = self.probabilities(image, overlap, batch_size, mirror)
-        return restrict_to_brain(classes_to_labels(np.argmax(probs, axis=-1)), image), probs
 
 
 @functools.lru_cache(maxsize=8)
@@ -109,13 +101,8 @@ def is_bundle(path: str) -> bool:
 
 
 def load_bundle(path: str) -> Predictor:
-    """The :class:`Predictor` of an exported bundle (``configs/export.py``)."""
-    if not is_bundle(path):
-        raise CMFLError(path, f"not a bundle (no {BUNDLE_FILE}); export one with configs/export.py")
-    with open(os.path.join(path, BUNDLE_FILE)) as f:
-        info = json.load(f)
-    if info.get("format") != BUNDLE_FORMAT:
-        raise CMFLError(os.path.join(path, BUNDLE_FILE), f"bundle format {info.get('format')} is not {BUNDLE_FORMAT}")
+    """The :class:`Predictor` of an exported bundle (``configs/export.py``): the Flax model and its params."""
+    info = read_bundle_info(path)
     config = ml_collections.ConfigDict(info["config"])
     abstract = builder.abstract_params(builder.cmff_net(config.model))
     try:
@@ -126,5 +113,5 @@ def load_bundle(path: str) -> Predictor:
 
 
 def load_predictor(model_dir: str, checkpoint: str = "best") -> Predictor:
-    """A bundle's predictor, or else a CMFF workdir's ``checkpoint``."""
+    """A bundle's predictor, or else a CMFF workdir's ``checkpoint`` (both the Flax model with its params)."""
     return load_bundle(model_dir) if is_bundle(model_dir) else load_workdir(model_dir, checkpoint)

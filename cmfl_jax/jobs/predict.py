@@ -1,16 +1,20 @@
 """The ``predict`` job (``configs/predict.py``): full-volume prediction to NIfTI from a CMFF workdir or bundle.
 
-The predictor (:mod:`cmfl_jax.inference.predictor`) is the model of the run's ``config.json`` with
-the params of ``best/``, ``final/``, ``checkpoints/`` or a bundle. Each
-subject is read and checked as in training, z-scored, predicted whole by sliding windows
-(:func:`cmfl_jax.inference.sliding_window`), set to background outside the brain, and written as
-``<subject_id>.nii.gz`` with the input's affine and header in the dataset's own label convention
-(ET = 4, or 3 for BraTS 2023+), atomically.
+The subjects are every subject found under ``config.data.root``, or the one case of ``config.case`` (four files,
+T1, T1c, T2, FLAIR; no folder tree or CSV). The predictor (:mod:`cmfl_jax.inference.predictor`) is the model of
+the run's ``config.json`` with the params of ``best/``, ``final/``, ``checkpoints/`` or a bundle; with
+``config.use_stablehlo`` it is the bundle's exported StableHLO function (:mod:`cmfl_jax.inference.stablehlo`),
+and this path imports no model code. Each subject is read and checked as in training, z-scored, predicted whole
+by sliding windows (:func:`cmfl_jax.inference.sliding_window`), set to background outside the brain, and written
+as ``<subject_id>.nii.gz`` with the input's affine and header in the dataset's own label convention (ET = 4, or 3
+for BraTS 2023+), atomically. A re-run skips the subjects whose outputs are all there (resumable; ``overwrite``
+redoes them).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import time
 
 import ml_collections
@@ -20,9 +24,9 @@ from absl import logging
 
 from cmfl_jax.data.dataset import resolve_root
 from cmfl_jax.data.io import load_subject, write_nifti
-from cmfl_jax.data.layouts import Subject, discover, to_dataset
+from cmfl_jax.data.layouts import MODALITIES, Subject, discover, to_dataset
 from cmfl_jax.errors import CMFLError
-from cmfl_jax.inference.predictor import load_predictor
+from cmfl_jax.inference.stablehlo import BUNDLE_FILE, load_stablehlo_predictor
 from cmfl_jax.previews import save_orthogonal_png
 from cmfl_jax.progress import progress
 
@@ -34,27 +38,87 @@ def _label_header(header: nib.Nifti1Header) -> nib.Nifti1Header:
     return header
 
 
+def case_subject(case: str, case_id: str = "", et_label: int = 4) -> Subject:
+    """The one :class:`Subject` of ``config.case``: ``"t1,t1ce,t2,flair"`` file paths (layout ``case``, no label).
+
+    ``case_id`` defaults to the T1 file's name without ``.nii[.gz]`` and a trailing ``_t1``/``-t1n``-like suffix.
+    """
+    files = [f.strip() for f in case.split(",")]
+    if len(files) != len(MODALITIES) or not all(files):
+        raise CMFLError("config.case", f"expected {len(MODALITIES)} comma-separated files "
+                                       f"({','.join(MODALITIES)}), got {len([f for f in files if f])}")
+    for path in files:
+        if not os.path.isfile(path):
+            raise CMFLError(path, "file not found (config.case)")
+    if not case_id:
+        name = re.sub(r"\.nii(\.gz)?$", "", os.path.basename(files[0]))
+        case_id = re.sub(r"[_\-.](t1|t1n|t1w)$", "", name, flags=re.IGNORECASE) or name
+    return Subject(case_id, "case", tuple(files), None, int(et_label))
+
+
+def _subjects(config: ml_collections.ConfigDict) -> list[Subject]:
+    if config.case:
+        return [case_subject(config.case, config.case_id, config.et_label)]
+    return discover(resolve_root(config.data), require_labels=False)
+
+
+def _load_predictor(config: ml_collections.ConfigDict):
+    if config.use_stablehlo:
+        if not os.path.isfile(os.path.join(config.model_dir, BUNDLE_FILE)):
+            raise CMFLError(config.model_dir, f"config.use_stablehlo needs a bundle (configs/export.py) as "
+                                              f"config.model_dir; this has no {BUNDLE_FILE}")
+        return load_stablehlo_predictor(config.model_dir)
+    from cmfl_jax.inference.predictor import load_predictor  # here only: the StableHLO path builds no Flax model
+
+    return load_predictor(config.model_dir, config.checkpoint)
+
+
+def _outputs(out_dir: str, subject: Subject, probabilities: bool) -> list[str]:
+    names = [f"{subject.subject_id}.nii.gz"] + ([f"{subject.subject_id}_probabilities.nii.gz"] if probabilities else [])
+    return [os.path.join(out_dir, n) for n in names]
+
+
+def _mtime(path: str) -> float:
+    """Newest modification time of ``path`` and, for a folder, of the entries directly in it."""
+    times = [os.path.getmtime(path)]
+    if os.path.isdir(path):
+        times += [e.stat().st_mtime for e in os.scandir(path)]
+    return max(times)
+
+
+def _up_to_date(outputs: list[str], subject: Subject, model_time: float) -> bool:
+    """Every output exists and is newer than the model and the subject's images (``make``'s rule)."""
+    if not all(os.path.isfile(p) for p in outputs):
+        return False
+    return min(map(os.path.getmtime, outputs)) >= max(model_time, *map(os.path.getmtime, subject.images))
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     if not config.model_dir:
         raise CMFLError("config.model_dir", "is empty: give the workdir of a CMFF run (configs/cmff.py) or a bundle "
                                             "(configs/export.py)")
-    subjects: list[Subject] = discover(resolve_root(config.data), require_labels=False)  # before the model: cheap
-    predictor = load_predictor(config.model_dir, config.checkpoint)
+    subjects = _subjects(config)  # before the model: cheap
+    predictor = _load_predictor(config)
     out_dir = config.out_dir or os.path.join(workdir, "predictions")
     os.makedirs(out_dir, exist_ok=True)
-    for subject in progress(subjects, desc="predict: subject"):
+    model_time = _mtime(predictor.source)
+    todo = [s for s in subjects
+            if config.overwrite or not _up_to_date(_outputs(out_dir, s, config.save_probabilities), s, model_time)]
+    if len(todo) < len(subjects):
+        logging.info("predict: skipped %d of %d subject(s) already predicted in %s by this model "
+                     "(config.overwrite=true redoes them)", len(subjects) - len(todo), len(subjects), out_dir)
+    for subject in progress(todo, desc="predict: subject"):
         start = time.perf_counter()
         loaded = load_subject(subject, with_label=bool(config.overlays))  # the label only to draw it
         image = predictor.model_input(loaded)
         pred, probs = predictor.labels(image, config.overlap, config.batch_size, config.mirror)
         header = _label_header(loaded.header)
-        write_nifti(os.path.join(out_dir, f"{subject.subject_id}.nii.gz"), to_dataset(pred, subject.et_label),
-                    loaded.affine, header)
+        out = _outputs(out_dir, subject, config.save_probabilities)
         if config.save_probabilities:
-            write_nifti(os.path.join(out_dir, f"{subject.subject_id}_probabilities.nii.gz"), probs.astype(np.float32),
-                        loaded.affine, header)
+            write_nifti(out[1], probs.astype(np.float32), loaded.affine, header)
+        write_nifti(out[0], to_dataset(pred, subject.et_label), loaded.affine, header)
         if config.overlays:
             save_orthogonal_png(os.path.join(workdir, "overlays", f"{subject.subject_id}.png"), image, pred,
                                 loaded.label, title=subject.subject_id)
         logging.info("predict: %s in %.1f s", subject.subject_id, time.perf_counter() - start)
-    logging.info("predict: %d subject(s) written to %s", len(subjects), out_dir)
+    logging.info("predict: %d subject(s) written to %s (%d skipped)", len(todo), out_dir, len(subjects) - len(todo))

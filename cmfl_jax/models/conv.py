@@ -11,13 +11,21 @@ numbers another way:
   channels plus a sum of shifted slices (or, for few folded channels, as the 2D-slice sum above);
 * the 2^3 stride-2 transposed convolution as a 1^3 convolution to 8*C channels followed by depth-to-space.
 
-``"native"`` is XLA's own op (right on GPU and TPU); ``"auto"`` picks ``cpu_fast`` on CPU and ``native``
-elsewhere. Both implementations declare the same params (``kernel`` ``(k, k, k, C_in, C_out)``, ``bias``),
-so checkpoints are interchangeable. ``experiments/conv_microbench.py`` times them.
+``"native"`` is XLA's own op (right on GPU and TPU). ``"auto"`` stages out both inside the one program with
+``jax.lax.platform_dependent(cpu=cpu_fast, default=native)``: the choice is made per platform when the program is
+lowered (for one platform only that platform's branch is emitted, so a CPU step is exactly the ``cpu_fast`` step),
+and a program lowered or exported for several platforms (``jax.export`` with ``platforms=("cpu", "cuda", "tpu")``)
+carries both and picks when it is compiled where it runs. Nothing asks ``jax.default_backend()``, so a CPU-only
+machine can lower the GPU/TPU program (``tests/test_lowering.py``). Both implementations declare the same params
+(``kernel`` ``(k, k, k, C_in, C_out)``, ``bias``), so checkpoints are interchangeable.
+``experiments/conv_microbench.py`` times them.
 """
 
 from __future__ import annotations
 
+import functools
+import math
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -29,15 +37,33 @@ CONV_IMPLS = ("native", "cpu_fast", "auto")
 _DN = ("NDHWC", "DHWIO", "NDHWC")
 
 
-def resolve_conv_impl(conv_impl: str) -> str:
-    """``auto`` -> ``cpu_fast`` on CPU, ``native`` on GPU/TPU."""
+def resolve_conv_impl(conv_impl: str, platform: str | None = None) -> str:
+    """The implementation ``conv_impl`` runs on ``platform`` (default: JAX's default backend), for reports only.
+
+    ``auto`` -> ``cpu_fast`` on CPU, ``native`` elsewhere. The modules never call this with ``auto``: they stage
+    both branches out (:func:`_dispatch`) and the platform the program is lowered for decides.
+    """
+    _check_conv_impl(conv_impl)
+    if conv_impl == "auto":
+        return "cpu_fast" if (platform or jax.default_backend()) == "cpu" else "native"
+    return conv_impl
+
+
+def _check_conv_impl(conv_impl: str) -> None:
     if conv_impl not in CONV_IMPLS:
         from cmfl_jax.errors import CMFLError
 
         raise CMFLError("config.model.conv_impl", f"unknown value {conv_impl!r}; choose one of {CONV_IMPLS}")
-    if conv_impl == "auto":
-        return "cpu_fast" if jax.default_backend() == "cpu" else "native"
-    return conv_impl
+
+
+def _dispatch(conv_impl: str, cpu_fast: Callable, native: Callable, *args: jax.Array) -> jax.Array:
+    """``cpu_fast(*args)`` or ``native(*args)``; for ``auto`` both, chosen per platform by the lowering."""
+    _check_conv_impl(conv_impl)
+    if conv_impl == "cpu_fast":
+        return cpu_fast(*args)
+    if conv_impl == "native":
+        return native(*args)
+    return jax.lax.platform_dependent(*args, cpu=cpu_fast, default=native)
 
 
 def _conv_native(x, kernel, stride, pad):
@@ -116,7 +142,8 @@ def _space_to_depth_conv(x, kernel, stride, pad):
     native output size ``floor((D + 2*pad - k)/stride) + 1`` (trailing voxels no window reaches are dropped).
     """
     x, kernel = _space_to_depth(x, kernel, stride, pad)
-    if x.shape[-1] >= MATMUL_MIN_CHANNELS and x.size // x.shape[-1] >= MATMUL_MIN_VOXELS:
+    n = x.shape[0] if isinstance(x.shape[0], int) else 1  # a symbolic batch (jax.export) counts as one
+    if x.shape[-1] >= MATMUL_MIN_CHANNELS and n * math.prod(x.shape[1:4]) >= MATMUL_MIN_VOXELS:
         return _conv_valid_as_matmul(x, kernel)
     return _conv_3d_as_2d(x, kernel, 0)
 
@@ -148,14 +175,11 @@ class Conv3D(nn.Module):
                             self.param_dtype)
         bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
         x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
-        if resolve_conv_impl(self.conv_impl) == "cpu_fast":
-            if self.strides == 1:
-                y = _conv_3d_as_2d(x, kernel, self.padding)
-            else:
-                y = _space_to_depth_conv(x, kernel, self.strides, self.padding)
-        else:
-            y = _conv_native(x, kernel, self.strides, self.padding)
-        return y + bias
+        s, p = self.strides, self.padding
+        fast = functools.partial(_conv_3d_as_2d, pad=p) if s == 1 else functools.partial(_space_to_depth_conv,
+                                                                                          stride=s, pad=p)
+        native = functools.partial(_conv_native, stride=s, pad=p)
+        return _dispatch(self.conv_impl, fast, native, x, kernel) + bias
 
 
 class UpConv3D(nn.Module):
@@ -177,12 +201,16 @@ class UpConv3D(nn.Module):
                             self.param_dtype)
         bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
         x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
-        n, d, h, w, _ = x.shape
-        if resolve_conv_impl(self.conv_impl) == "cpu_fast":
-            # 1^3 conv to 8*C_out channels, then depth-to-space.
-            y = jnp.einsum("ndhwc,ijlcf->ndhwijlf", x, kernel)
-            y = y.transpose(0, 1, 4, 2, 5, 3, 6, 7).reshape(n, 2 * d, 2 * h, 2 * w, self.features)
-        else:
-            # lax.conv_transpose correlates with the kernel flipped; flip it to get the formula above.
-            y = jax.lax.conv_transpose(x, kernel[::-1, ::-1, ::-1], (2, 2, 2), "VALID", dimension_numbers=_DN)
-        return y + bias
+        return _dispatch(self.conv_impl, _up_conv_cpu_fast, _up_conv_native, x, kernel) + bias
+
+
+def _up_conv_cpu_fast(x, kernel):
+    """1^3 conv to 8*C_out channels, then depth-to-space."""
+    n, d, h, w, _ = x.shape
+    y = jnp.einsum("ndhwc,ijlcf->ndhwijlf", x, kernel)
+    return y.transpose(0, 1, 4, 2, 5, 3, 6, 7).reshape(n, 2 * d, 2 * h, 2 * w, kernel.shape[-1])
+
+
+def _up_conv_native(x, kernel):
+    # lax.conv_transpose correlates with the kernel flipped; flip it to get the formula of UpConv3D.
+    return jax.lax.conv_transpose(x, kernel[::-1, ::-1, ::-1], (2, 2, 2), "VALID", dimension_numbers=_DN)
