@@ -95,3 +95,16 @@ def test_split_is_seeded_disjoint_and_independent_of_order():
     assert split_subjects(ids, 1, 0, seed=0, key=str) == (ids, [])
     with pytest.raises(CMFLError, match=r"config.val.fold: must lie in \[0, 4\]"):
         split_subjects(ids, 5, 5, seed=0, key=str)
+
+
+def test_mirroring_calls_the_plain_function_once_per_flip_with_one_window_batch():
+    """Bounded memory: the 8 flips go one at a time through the same function, never stacked in one call."""
+    calls = []
+
+    def plain(y):
+        calls.append(np.asarray(y).shape)
+        return np.asarray(y) * 2.0
+
+    x = np.random.default_rng(3).normal(size=(2, 4, 5, 6, 2)).astype(np.float32)
+    np.testing.assert_allclose(mirrored(plain)(x), x * 2.0, rtol=1e-6)
+    assert calls == [(2, 4, 5, 6, 2)] * 8

@@ -96,8 +96,8 @@ class StableHLOPredictor(VolumePredictor):
         self.exported, self.window = exported, tuple(int(w) for w in window)
         self.normalization, self.source = normalization, source
         self._symbolic_batch = not isinstance(exported.in_avals[0].shape[0], int)
-        # jitted once per mirror setting (compiled once per batch shape)
-        self._fns = {m: jax.jit(mirrored(exported.call) if m else exported.call) for m in (False, True)}
+        plain = jax.jit(exported.call)  # compiled once per batch shape; mirroring calls it once per flip
+        self._fns = {False: plain, True: mirrored(plain)}
 
     def probabilities(self, image: np.ndarray, overlap: float = 0.5, batch_size: int = 1, mirror: bool = False,
                       window: tuple[int, ...] | None = None) -> np.ndarray:
