@@ -47,7 +47,7 @@ def test_prepare_prints_summary(tmp_path):
     summary = json.loads((tmp_path / "w" / "prepare_summary.json").read_text())
     total = next(row for row in summary["rows"] if row["layout"] == "all")
     assert total["subjects"] == 3 and total["mean voxels ET"] == 56 and total["with ET"] == 3
-    assert len([f for f in cache_files(tmp_path / "cache") if f.endswith("image.npy")]) == 3
+    assert len([f for f in cache_files(tmp_path / "cache") if f.endswith("meta.json")]) == 3  # one entry each
 
 
 def test_missing_modality_exit_2_one_line(tmp_path):

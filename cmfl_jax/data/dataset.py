@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import ml_collections
 
-from cmfl_jax.data.cache import CachedSubject, build_cache, cache_dir_for, default_cache_dir
+from cmfl_jax.data.cache import (
+    CachedSubject,
+    build_cache,
+    cache_subject,
+    default_cache_dir,
+    estimate_line,
+    preprocessed_dir,
+)
 from cmfl_jax.data.layouts import discover
 
 
@@ -31,8 +39,17 @@ def resolve_root(data: ml_collections.ConfigDict) -> str:
     return data.root if data.root else synthetic_root(data)
 
 
-def load_entries(data: ml_collections.ConfigDict) -> list[CachedSubject]:
-    """Discover, validate and cache every subject of the configured root (cached entries are reused)."""
+def load_entries(data: ml_collections.ConfigDict, announce: Callable[[str], None] | None = None
+                 ) -> list[CachedSubject]:
+    """Discover, validate and cache every subject of the configured root (cached entries are reused).
+
+    Entries of every root share one folder (``preprocessed_dir``), keyed by their source files. With
+    ``announce``, the first subject is cached first and ``announce`` gets one line estimating the whole
+    cache's size from it, before the others are built.
+    """
     root = resolve_root(data)
     subjects = discover(root, require_labels=data.require_labels)
-    return build_cache(subjects, cache_dir_for(root, data.cache_dir or None), data.normalization)
+    folder = preprocessed_dir(data.cache_dir or None)
+    if announce is not None and subjects:
+        announce(estimate_line(cache_subject(subjects[0], folder, data.normalization), len(subjects), folder))
+    return build_cache(subjects, folder, data.normalization)

@@ -33,7 +33,7 @@ def dataset_overview(entries: list[CachedSubject]) -> list[dict]:
             "layout": layout,
             "grade": grade,
             "subjects": len(members),
-            "shapes": _fmt_counter(Counter("x".join(map(str, e.shape)) for e in members)),
+            "shapes": _fmt_counter(Counter("x".join(map(str, e.meta["full_shape"])) for e in members)),
             "spacings": _fmt_counter(Counter("x".join(f"{s:g}" for s in e.meta["spacing"]) for e in members)),
         }
         for value, name in _LABEL_NAMES.items():
@@ -55,7 +55,7 @@ def markdown_table(rows: list[dict]) -> str:
 def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     root = resolve_root(config.data)
     logging.info("preparing %s", root)
-    entries = load_entries(config.data)
+    entries = load_entries(config.data, announce=print)  # prints the cache's estimated size before building
     rows = dataset_overview(entries)
     table = markdown_table(rows)
     os.makedirs(workdir, exist_ok=True)

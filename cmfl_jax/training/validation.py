@@ -12,6 +12,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from cmfl_jax.data.cache import uncrop
 from cmfl_jax.inference.sliding_window import cmff_predict_fn, restrict_to_brain, sliding_window
 from cmfl_jax.label_classes import classes_to_labels
 from cmfl_jax.metrics import REGIONS, brats_metrics
@@ -51,10 +52,10 @@ class Validator:
         predict = functools.partial(self.predict, params)
         per_subject, first = [], None
         for entry in progress(self.entries, desc=f"cmff validation (step {step}): subject"):
-            image = np.asarray(entry.image())
+            image = uncrop(entry.image(), entry)  # the full grid: the tiling and the metrics of the raw volume
             probs = sliding_window(predict, image, window, v.overlap, v.batch_size)
             pred = restrict_to_brain(classes_to_labels(np.argmax(probs, axis=-1)), image)
-            label = np.asarray(entry.label())
+            label = uncrop(entry.label(), entry)
             per_subject.append(brats_metrics(pred, label, entry.meta["spacing"]))
             if first is None:
                 first = (entry.subject_id, image, label, pred, per_subject[0]["WT"]["dice"])
