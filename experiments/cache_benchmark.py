@@ -46,6 +46,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from cmfl_jax.data import cache  # noqa: E402
+from cmfl_jax.data import cached_subject as cs  # noqa: E402
 from cmfl_jax.data.io import load_subject  # noqa: E402
 from cmfl_jax.data.pipeline import crop_centered  # noqa: E402
 from cmfl_jax.data.preprocess import preprocess_images  # noqa: E402
@@ -70,10 +71,10 @@ class Entry:
         self.path, self.storage, self.offset = path, storage, np.asarray(offset)
 
     def image(self):
-        return cache.open_array(os.path.join(self.path, "image" + cache._EXT[self.storage]), np.float32)
+        return cs.open_array(os.path.join(self.path, "image" + cs.EXTENSIONS[self.storage]), np.float32)
 
     def label(self):
-        return cache.open_array(os.path.join(self.path, "label" + cache._EXT[self.storage]), np.uint8)
+        return cs.open_array(os.path.join(self.path, "label" + cs.EXTENSIONS[self.storage]), np.uint8)
 
     def files(self) -> list[str]:
         return [os.path.join(self.path, f) for f in os.listdir(self.path)]
@@ -81,7 +82,7 @@ class Entry:
 
 def is_native(storage: str, dtype, cropped: bool, shuffle: bool | None) -> bool:
     """Whether ``cmfl_jax.data.cache`` writes this format itself."""
-    return cropped and dtype == np.float32 and (storage == "npy" or shuffle == cache.BLOSC2_SHUFFLE)
+    return cropped and dtype == np.float32 and (storage == "npy" or shuffle == cs.BLOSC2_SHUFFLE)
 
 
 def build_other(subject, folder: str, storage: str, dtype, cropped: bool, shuffle: bool | None) -> Entry:
@@ -92,10 +93,10 @@ def build_other(subject, folder: str, storage: str, dtype, cropped: bool, shuffl
     box = cache.crop_box(keep) if cropped else [[0, n] for n in keep.shape]
     window = tuple(slice(lo, hi) for lo, hi in box)
     os.makedirs(folder)
-    cache.write_array(os.path.join(folder, "image"), np.ascontiguousarray(image[window]).astype(dtype, copy=False),
-                      storage, cache.BLOSC2_CHUNKS["image"], shuffle)
+    cs.write_array(os.path.join(folder, "image"), np.ascontiguousarray(image[window]).astype(dtype, copy=False),
+                      storage, cs.BLOSC2_CHUNKS["image"], shuffle)
     label = np.ascontiguousarray(loaded.label[window])
-    cache.write_array(os.path.join(folder, "label"), label, storage, cache.BLOSC2_CHUNKS["label"], shuffle)
+    cs.write_array(os.path.join(folder, "label"), label, storage, cs.BLOSC2_CHUNKS["label"], shuffle)
     np.save(os.path.join(folder, "tumour_index.npy"),
             np.flatnonzero(label > 0).astype(np.int32 if cropped else np.int64))
     with open(os.path.join(folder, "meta.json"), "w") as f:
@@ -235,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
                     "load_average_at_end": load},
         "settings": {"n": len(subjects), "shape": SHAPE, "patches": args.patches, "patch": args.patch,
-                     "repeats": args.repeats, "crop_margin": cache.CROP_MARGIN, "blosc2_chunks": cache.BLOSC2_CHUNKS},
+                     "repeats": args.repeats, "crop_margin": cache.CROP_MARGIN, "blosc2_chunks": cs.BLOSC2_CHUNKS},
         "command": command,
         "rows": list(rows.values()),
     }

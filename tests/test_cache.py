@@ -13,16 +13,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from cmfl_jax.data.cache import (
-    CROP_MARGIN,
-    CachedSubject,
-    LazyVolume,
-    _bbox,
-    build_cache,
-    cache_subject,
-    preprocessed_dir,
-    uncrop,
-)
+from cmfl_jax.data.cache import CROP_MARGIN, _bbox, build_cache, cache_subject, preprocessed_dir
+from cmfl_jax.data.cached_subject import CachedSubject, LazyVolume, uncrop
 from cmfl_jax.data.dataset import load_entries
 from cmfl_jax.data.io import load_subject, read_nifti, write_nifti
 from cmfl_jax.data.layouts import MODALITIES, discover, subject_file_paths, to_dataset

@@ -7,14 +7,7 @@ voxels: everything outside that box is 0 in every channel (the z-score leaves th
 0), so nothing is lost, and :func:`uncrop` puts an array back on the full grid. ``meta.json`` holds the
 cropped ``shape``, the ``full_shape`` and the ``crop_offset``; every coordinate in an entry (its arrays,
 ``brain_bbox``, ``tumour_bbox``, ``tumour_index``) is on the cropped grid. ``label_counts`` count the full
-grid.
-
-Storage (``storage``): ``"blosc2"`` (the default) keeps the float32 image and the label map losslessly
-compressed (LZ4 after byte shuffle) in 32^3-voxel chunks, so a 128^3 patch decompresses only the
-chunks it touches; ``"npy"`` keeps uncompressed ``.npy`` files, memory-mapped. Both give the same
-values, bit for bit. About 21 MB per 240x240x155 phantom with blosc2, against 152 MB for the uncropped
-float32 ``.npy`` of format 1; a 128^3 patch costs about twice the CPU time of format 1's memory map when
-the files are in the page cache, somewhat less time when they are not (``experiments/cache_benchmark.py``).
+grid. Storage (blosc2 chunks or ``.npy``) and reading: :mod:`cmfl_jax.data.cached_subject`.
 
 All entries live in one folder, ``<cache_dir>/preprocessed/``, as ``<subject_id>-<key>/``, where ``key``
 hashes the source files' real paths (symbolic links resolved), sizes and modification times and the
@@ -28,7 +21,6 @@ removed once old).
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -40,6 +32,15 @@ import time
 import numpy as np
 from absl import logging
 
+from cmfl_jax.data.cached_subject import (
+    BLOSC2_CHUNKS,
+    DEFAULT_STORAGE,
+    META_FILE,
+    STORAGES,
+    TUMOUR_FILE,
+    CachedSubject,
+    write_array,
+)
 from cmfl_jax.data.io import load_subject
 from cmfl_jax.data.layouts import INTERNAL_LABELS, Subject
 from cmfl_jax.data.preprocess import PREPROCESS_VERSION, preprocess_images
@@ -48,131 +49,9 @@ from cmfl_jax.progress import progress
 
 CACHE_FORMAT = 2  # 2: cropped to the brain, blosc2, one folder for every root
 CROP_MARGIN = 4  # voxels of background kept on each side of the brain's bounding box
-STORAGES = ("blosc2", "npy")
-DEFAULT_STORAGE = "blosc2"
-BLOSC2_CHUNKS = {"image": (32, 32, 32), "label": (32, 32, 32)}  # spatial; the channels stay in one chunk
-BLOSC2_SHUFFLE = True  # byte shuffle before LZ4: ~10 % smaller, ~25 % more CPU per read (cache_benchmark)
-_EXT = {"blosc2": ".b2nd", "npy": ".npy"}
-_TUMOUR, _META = "tumour_index.npy", "meta.json"
 _TMP_PREFIX = ".tmp-"
 _TMP_MAX_AGE_S = 3600.0  # a temporary folder this old is a killed build's: a build takes seconds
 _ENTRY_NAME = re.compile(r".+-[0-9a-f]{16}")
-
-
-class LazyVolume:
-    """A read-only array on disk that reads (decompresses) only the part that is indexed.
-
-    Has ``shape``, ``ndim`` and ``dtype``; ``volume[index]`` and ``np.asarray(volume)`` give numpy arrays of
-    that dtype. This is what ``CachedSubject.image()`` and ``.label()`` return for compressed entries, in place
-    of the memory map of an ``.npy`` entry.
-    """
-
-    def __init__(self, array, dtype=None):
-        self._array = array
-        self.dtype = np.dtype(dtype or array.dtype)
-        self.shape = tuple(int(n) for n in array.shape)
-        self.ndim = len(self.shape)
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def __getitem__(self, index) -> np.ndarray:
-        return np.asarray(self._array[index], dtype=self.dtype)
-
-    def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        out = self[...]
-        return out if dtype is None else out.astype(dtype, copy=False)
-
-    def __repr__(self) -> str:
-        return f"LazyVolume(shape={self.shape}, dtype={self.dtype})"
-
-
-def write_array(path_stem: str, array: np.ndarray, storage: str, chunks: tuple[int, ...] | None = None,
-                shuffle: bool | None = None) -> str:
-    """Write ``array`` to ``path_stem`` plus the storage's extension; returns the path.
-
-    blosc2: chunks (and blocks) of ``chunks`` spatial voxels, LZ4, byte shuffle if ``shuffle`` (default
-    ``BLOSC2_SHUFFLE``). It compresses in memory and the frame is written with plain Python I/O, so a full
-    disk raises an ``OSError`` that names the file (as ``np.save`` does).
-    """
-    path = path_stem + _EXT[storage]
-    if storage == "npy":
-        np.save(path, array)
-        return path
-    import blosc2
-
-    chunks = tuple(chunks or array.shape[:3]) + tuple(array.shape[3:])
-    compressed = blosc2.asarray(
-        np.ascontiguousarray(array), chunks=chunks, blocks=chunks,
-        cparams={"codec": blosc2.Codec.LZ4, "clevel": 5,
-                 "filters": [blosc2.Filter.SHUFFLE if (BLOSC2_SHUFFLE if shuffle is None else shuffle)
-                             else blosc2.Filter.NOFILTER]},
-    )
-    with open(path, "wb") as f:
-        f.write(compressed.to_cframe())
-    return path
-
-
-def open_array(path: str, dtype=None):
-    """The array at ``path`` (``.npy``: a read-only memory map; ``.b2nd``: a :class:`LazyVolume`), read as ``dtype``."""
-    if path.endswith(".npy"):
-        array = np.load(path, mmap_mode="r")
-        return array if dtype is None or array.dtype == dtype else LazyVolume(array, dtype)
-    import blosc2
-
-    return LazyVolume(blosc2.open(path, mode="r"), dtype)
-
-
-@dataclasses.dataclass(frozen=True)
-class CachedSubject:
-    """A pre-processed subject on disk; ``meta`` holds shapes, crop, spacing, affine, label counts, bounding boxes."""
-
-    path: str
-    meta: dict
-
-    @property
-    def subject_id(self) -> str:
-        return self.meta["subject_id"]
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        """The cropped grid's shape (``meta["full_shape"]`` is the source's)."""
-        return tuple(self.meta["shape"])  # type: ignore[return-value]
-
-    @property
-    def has_label(self) -> bool:
-        return self.meta["has_label"]
-
-    def _file(self, name: str) -> str:
-        return os.path.join(self.path, name + _EXT[self.meta["storage"]])
-
-    def image(self):
-        """``(D, H, W, 4)`` float32 on the cropped grid (channels last, the models' layout), read lazily."""
-        return open_array(self._file("image"), np.float32)
-
-    def label(self):
-        """``(D, H, W)`` uint8 in 0/1/2/4 on the cropped grid, read lazily."""
-        if not self.has_label:
-            raise CMFLError(self.path, f"subject {self.subject_id} has no label map")
-        return open_array(self._file("label"), np.uint8)
-
-    def tumour_index(self) -> np.ndarray:
-        """Flat indices (cropped grid) of the tumour voxels (label > 0), for sampling patch centres in the tumour."""
-        return np.load(os.path.join(self.path, _TUMOUR), mmap_mode="r")
-
-    def nbytes(self) -> int:
-        """Bytes the entry takes on disk."""
-        return sum(os.path.getsize(os.path.join(self.path, f)) for f in os.listdir(self.path))
-
-
-def uncrop(array, entry: CachedSubject) -> np.ndarray:
-    """``array`` on ``entry``'s cropped grid (trailing axes kept) put back on the full grid, zero outside the crop."""
-    array = np.asarray(array)
-    if tuple(array.shape[:3]) != entry.shape:
-        raise ValueError(f"array of shape {array.shape} is not on the cropped grid {entry.shape} of {entry.path}")
-    out = np.zeros((*entry.meta["full_shape"], *array.shape[3:]), array.dtype)
-    out[tuple(slice(o, o + n) for o, n in zip(entry.meta["crop_offset"], entry.shape, strict=True))] = array
-    return out
 
 
 def default_cache_dir() -> str:
@@ -261,16 +140,16 @@ def _build_entry(subject: Subject, final: str, key: str, normalization: str, sto
             label = np.ascontiguousarray(loaded.label[window])
             write_array(os.path.join(tmp, "label"), label, storage, BLOSC2_CHUNKS["label"])
             index_dtype = np.int32 if label.size < 2**31 else np.int64
-            np.save(os.path.join(tmp, _TUMOUR), np.flatnonzero(label > 0).astype(index_dtype))
+            np.save(os.path.join(tmp, TUMOUR_FILE), np.flatnonzero(label > 0).astype(index_dtype))
             counts = np.bincount(loaded.label.ravel(), minlength=5)  # the full grid, background included
             meta["label_counts"] = {str(v): int(counts[v]) for v in INTERNAL_LABELS}
             meta["tumour_bbox"] = _bbox(label > 0)
-        with open(os.path.join(tmp, _META), "w") as f:
+        with open(os.path.join(tmp, META_FILE), "w") as f:
             json.dump(meta, f, indent=1)
         try:
             os.rename(tmp, final)
         except OSError:
-            if not os.path.isfile(os.path.join(final, _META)):  # another process may have built it first: fine
+            if not os.path.isfile(os.path.join(final, META_FILE)):  # another process may have built it first: fine
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -278,7 +157,7 @@ def _build_entry(subject: Subject, final: str, key: str, normalization: str, sto
 
 def _read_meta(folder: str) -> dict | None:
     try:
-        with open(os.path.join(folder, _META)) as f:
+        with open(os.path.join(folder, META_FILE)) as f:
             return json.load(f)
     except (OSError, ValueError):
         return None
@@ -342,7 +221,7 @@ def _warn_old_folders(cache_dir: str) -> None:
         return
     old = [os.path.join(cache_dir, n) for n in names
            if not n.startswith(_TMP_PREFIX) and not _ENTRY_NAME.fullmatch(n) and re.fullmatch(r".+-[0-9a-f]{8}", n)
-           and os.path.isdir(os.path.join(cache_dir, n)) and not os.path.exists(os.path.join(cache_dir, n, _META))]
+           and os.path.isdir(os.path.join(cache_dir, n)) and not os.path.exists(os.path.join(cache_dir, n, META_FILE))]
     if old:
         size = sum(os.path.getsize(os.path.join(d, f)) for o in old for d, _, fs in os.walk(o) for f in fs)
         logging.warning("%d folder(s) of an older cache format in %s are no longer used (%.1f GB): delete them "

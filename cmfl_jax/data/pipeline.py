@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import grain
 import numpy as np
 
-from cmfl_jax.data.cache import CachedSubject
+from cmfl_jax.data.cached_subject import CachedSubject
 from cmfl_jax.errors import CMFLError
 
 

@@ -9,7 +9,7 @@ from collections import Counter, defaultdict
 import ml_collections
 from absl import logging
 
-from cmfl_jax.data.cache import CachedSubject
+from cmfl_jax.data.cached_subject import CachedSubject
 from cmfl_jax.data.dataset import load_entries, resolve_root
 from cmfl_jax.data.io import atomic_path
 

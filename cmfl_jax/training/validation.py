@@ -12,7 +12,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from cmfl_jax.data.cache import uncrop
+from cmfl_jax.data.cached_subject import uncrop
 from cmfl_jax.inference.sliding_window import cmff_predict_fn, restrict_to_brain, sliding_window
 from cmfl_jax.label_classes import classes_to_labels
 from cmfl_jax.metrics import REGIONS, brats_metrics
