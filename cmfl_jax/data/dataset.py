@@ -8,6 +8,8 @@ import ml_collections
 
 from cmfl_jax.data.cache import CachedSubject, build_cache, cache_dir_for, default_cache_dir
 from cmfl_jax.data.layouts import discover
+from cmfl_jax.data.splits import apply_split
+from cmfl_jax.data.subject import Subject
 
 
 def synthetic_root(data: ml_collections.ConfigDict) -> str:
@@ -36,3 +38,14 @@ def load_entries(data: ml_collections.ConfigDict) -> list[CachedSubject]:
     root = resolve_root(data)
     subjects = discover(root, require_labels=data.require_labels)
     return build_cache(subjects, cache_dir_for(root, data.cache_dir or None), data.normalization)
+
+
+def split_of(data: ml_collections.ConfigDict) -> tuple[list[Subject], list[Subject]]:
+    """(train, validation) subjects of the configured root under ``data.split`` (not yet read or cached)."""
+    root = resolve_root(data)
+    return apply_split(discover(root, require_labels=data.require_labels), data.split, root)
+
+
+def cache_subjects(data: ml_collections.ConfigDict, subjects: list[Subject]) -> list[CachedSubject]:
+    """Validate and cache ``subjects`` of the configured root (cached entries are reused)."""
+    return build_cache(subjects, cache_dir_for(resolve_root(data), data.cache_dir or None), data.normalization)
