@@ -166,11 +166,13 @@ def summary_text(config: ml_collections.ConfigDict, workdir: str, stages: dict[s
     best_line = (f"best step {best['step']}, validation mean Dice {best['val']['dice_mean']:.4f} over "
                  f"{best['val'].get('subjects', len(held_out))} subjects" if best else "no best checkpoint")
     s = splits.split_settings(config.data.split)
+    held = (f"the validation ids of `{config.data.split.file}`" if config.data.split.file
+            else f"CMFF validation fold {s['fold']} of {s['folds']}")
     lines = [
         "# cmfl_jax demo",
         "",
         f"- data: {data}",
-        f"- held out (CMFF validation fold {s['fold']} of {s['folds']}): {len(held_out)} subjects "
+        f"- held out ({held}): {len(held_out)} subjects "
         f"({', '.join(h.subject_id for h in held_out)}), listed in `{os.path.join(workdir, splits.VALIDATION_CSV)}`; "
         f"the other {n_train} train both phases (`{os.path.join(workdir, splits.TRAIN_CSV)}`); the split: "
         f"`{os.path.join(workdir, splits.SPLIT_FILE)}`",

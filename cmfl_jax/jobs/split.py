@@ -17,8 +17,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
     train, validation = split_of(config.data)
     settings = split_settings(config.data.split)
     paths = write_split(workdir, root, settings, train, validation)
-    held = (f"fold {settings['fold']} of {settings['folds']}, seed {settings['seed']}" if settings["folds"] > 1
-            else "no validation fold") + (f", from {config.data.split.file}" if config.data.split.file else "")
+    if config.data.split.file:
+        held = f"the ids of {config.data.split.file}"
+    else:
+        held = (f"fold {settings['fold']} of {settings['folds']}, seed {settings['seed']}" if settings["folds"] > 1
+                else "no validation fold")
     print(f"split of {root} ({held}): {len(train)} training and {len(validation)} validation subjects\n"
           f"  {paths['split']}\n  {paths['train']}\n  {paths['validation']}", flush=True)
     return paths
