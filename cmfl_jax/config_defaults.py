@@ -9,7 +9,12 @@ def data_config() -> ml_collections.ConfigDict:
     """Where the data is and how it is pre-processed and sampled.
 
     ``root`` empty means the built-in synthetic data set (``synthetic.*``), generated once
-    under the cache folder and reused.
+    under the cache folder and reused. ``split`` is the one train/validation split of every phase
+    (:mod:`cmfl_jax.data.splits`): CMFT trains on its training part only, CMFF trains on it and validates
+    on fold ``fold``, the demo predicts and scores that fold. ``folds`` <= 1: no validation fold, every
+    subject trains (the paper's way). ``file``: a ``split.json`` from ``configs/split.py`` (or a demo
+    workdir), whose ids are then used as they are (``folds``, ``fold``, ``seed`` are ignored). Prepare,
+    predict and evaluate take every subject of the root.
     """
     return ml_collections.ConfigDict(
         {
@@ -23,6 +28,8 @@ def data_config() -> ml_collections.ConfigDict:
             "flip": False,
             "num_workers": 0,
             "pairing": "t1-t1ce/t2-flair",  # or "t1-flair/t2-t1ce" (Table 4)
+            # subjects dealt into `folds` folds by `seed`, fold `fold` held out; or the ids of a split.json `file`
+            "split": {"file": "", "folds": 5, "fold": 0, "seed": 0},
         }
     )
 
@@ -56,11 +63,14 @@ def train_config(steps: int) -> ml_collections.ConfigDict:
 
 
 def use_smoke_sizes(config: ml_collections.ConfigDict) -> None:
-    """Seconds-long runs (tests, CI): 4 synthetic 48^3 subjects, 32^3 patches, U-Net base 4, depth 2.
+    """Seconds-long runs (tests, CI): 4 synthetic 48^3 subjects (4 folds: 1 held out), 32^3 patches, U-Net
+    base 4, depth 2.
 
-    Shared by the ``:smoke`` variants of every phase, so a CMFT smoke checkpoint fits a CMFF smoke run.
+    Shared by the ``:smoke`` variants of every phase, so a CMFT smoke checkpoint fits a CMFF smoke run and
+    both hold out the same subject.
     """
     config.data.synthetic.n = 4
+    config.data.split.folds = 4
     config.data.synthetic.shape = (48, 48, 48)
     config.data.patch_size = (32, 32, 32)
     config.model.base = 4

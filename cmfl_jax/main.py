@@ -3,6 +3,7 @@
 The method's flow, one job per step, each driven by its config file (``config.job`` picks the job):
 
     data root (BraTS folder or CSV; empty: built-in synthetic)   configs/prepare.py   (optional check + cache)
+      train/validation split, shared by every phase             configs/split.py     (optional: split.json)
       -> CMFT: CycleGAN A <-> B, generators G_AB, G_BA          configs/cmft.py      -> <workdir>/checkpoints
       -> CMFF: S_A, S_B from G_AB, G_BA; fusion S_F             configs/cmff.py      (init.cmft_workdir=...)
       -> predict: whole volumes to NIfTI                        configs/predict.py   (model_dir=CMFF or bundle)

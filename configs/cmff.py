@@ -4,6 +4,11 @@
 Variants: ``configs/cmff.py:smoke`` (seconds, 32^3, base 4, depth 2; random init unless a CMFT smoke workdir
 is given), ``:cpu`` (starts from ``configs/cmft.py:cpu``; ~30 min on 2 CPU cores), ``:full`` (the paper's
 settings, the same as the default: 128^3 patches, base 16, depth 4, 20000 steps, Adam 1e-4, Dice only; a GPU/TPU job).
+The subjects: ``config.data.split`` (shared with CMFT): 5 folds by seed 0, fold 0 is held out for validation and
+CMFT never trains on it; ``--config.data.split.folds=0`` trains on every subject without validation (the paper's
+way: it trained on all of BraTS and scored on the challenge's validation set); ``--config.data.split.file=
+W/split.json`` uses the ids of a split written by ``configs/split.py``. Validation: every ``val.every`` steps on
+the first ``val.max_subjects`` (20) held-out ids, at the last step on the whole fold (``val.full_at_end``).
 Ablations are config values: ``--config.model.branches=A|B|A+B|fusion`` and ``--config.model.attention=
 mask|cbam|none`` (Table 2), ``--config.init.mode=cmft|random|self`` and ``--config.data.pairing`` (Table 4).
 """
@@ -41,22 +46,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
     config.val = ml_collections.ConfigDict(
         {
-            "folds": 5,  # subjects split into k folds by seed; one is held out (<= 1: no validation)
-            "fold": 0,
-            "seed": 0,
+            # The held-out subjects are fold data.split.fold of data.split.folds (or data.split.file's list).
             "every": 500,  # validate every N steps (and at the last step)
-            "max_subjects": 0,  # validate on the first N held-out subjects (0: all)
+            "max_subjects": 20,  # periodic validations: the first N held-out ids, sorted (0: all); picks best/
+            "full_at_end": True,  # the last step validates the whole held-out fold (final/ keeps those metrics)
             "overlap": 0.5,  # sliding-window overlap; the window is data.patch_size
             "batch_size": 1,  # windows per network call
             "mirror": False,  # test-time mirroring (8 flips): 8x the time
         }
     )
     if arg == "full":
-        pass  # the defaults above are the paper's settings; the name makes the choice explicit on a GPU/TPU
+        # The defaults above are the paper's settings; the name makes the choice explicit on a GPU/TPU. Periodic
+        # validations see 20 held-out subjects (BraTS 2021's fold has ~250), the last step all of them.
+        config.val.max_subjects = 20
     elif arg == "smoke":
         use_smoke_sizes(config)
         config.init.mode = "random"  # no CMFT run needed; set mode=cmft and cmft_workdir to start from one
-        config.val.folds = 4
         config.train.steps = 6
         config.train.log_every = 1
         config.train.save_every = 3

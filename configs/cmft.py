@@ -5,6 +5,9 @@ Variants: ``configs/cmft.py:smoke`` (seconds, 32^3, base 4, depth 2), ``:cpu`` (
 ``configs/cmff.py:cpu`` starts from), ``:cpu64`` (the paper's U-Net at 64^3, ~15 min on 2 CPU cores),
 ``:full`` (the paper's settings, the same as the default: 128^3 patches, base 16, depth 4, 20000 steps; a GPU/TPU
 job), ``--config.cmft.objective=self`` (Ours_self), ``--config.data.pairing=t1-flair/t2-t1ce``.
+CMFT trains only on the training part of ``config.data.split`` (the same setting as CMFF's: 5 folds by seed 0),
+never on CMFF's validation fold; ``--config.data.split.folds=0`` trains on every subject (the paper's way, with no
+validation fold for CMFF either), ``--config.data.split.file=W/split.json`` on the ids of a ``configs/split.py`` split.
 """
 
 import ml_collections

@@ -10,8 +10,10 @@ not yet generated, 5 min 22 s with a fresh install; held-out Dice ET 0.73, WT 0.
 Each stage's settings come from its own config file (``configs/<job>.py``, the same variant); the data set,
 the U-Net and the seed are shared by all stages and live at the top (``config.data``, ``config.model``,
 ``config.seed``). Any value can be overridden: ``--config.cmff.train.steps=500``, ``--config.model.attention=cbam``,
-``--config.data.synthetic.n=40``. The held-out subjects are CMFF's validation fold (``config.cmff.val``); the job
-fills in the paths that tie the stages together (``cmff.init.cmft_workdir``, ``predict.model_dir``, ...).
+``--config.data.synthetic.n=40``. The held-out subjects are the validation fold of ``config.data.split``
+(``--config.data.split.file=W/split.json`` for the ids of a ``configs/split.py`` split), written to the workdir as
+``split.json``, ``train.csv`` and ``validation.csv``; the job fills in the paths that tie the stages together
+(``data.split.file``, ``cmff.init.cmft_workdir``, ``predict.model_dir``, ...).
 """
 
 from __future__ import annotations

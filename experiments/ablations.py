@@ -8,8 +8,9 @@ be downloaded here and is left out. Per seed there are three CMFT runs (cycle, s
 shared by every CMFF variant that starts from them.
 
 Everything else is the demo's (``configs/demo.py``; ``--size smoke`` is its ``:smoke``, ``cpu-ish`` its
-default): data, U-Net, optimiser, and the held-out fold (CMFF's validation fold, the same for every
-variant and seed; CMFT sees only the training subjects). A variant's score is the BraTS metrics of its
+default): data, U-Net, optimiser, and the held-out fold (the validation fold of ``data.split``, written to
+each seed's folder as ``split.json`` and handed to every run, the same for every variant and seed; CMFT sees
+only the training subjects). A variant's score is the BraTS metrics of its
 final checkpoint on the held-out subjects (CMFF's validation at its last step: whole volumes by sliding
 windows), not of the best checkpoint, which is chosen on those same subjects. Finished runs are reused
 when the script runs again (a CMFT run whose last checkpoint is at its step count, a CMFF run with a
@@ -118,8 +119,8 @@ def base_stages(size: str, steps: int, cmft_steps: int, seed: int, data_root: st
     config.cmff.train.steps = steps
     config.cmff.val.every = steps  # one validation, at the end: the score
     config.cmft.train.preview_every = 0
-    train, held_out, train_csv, held_out_csv = demo.write_split(config, workdir)
-    return demo.stage_configs(config, workdir, train_csv, held_out_csv), train, held_out
+    train, held_out, paths = demo.write_split(config, workdir)  # split.json, train.csv, validation.csv
+    return demo.stage_configs(config, workdir, paths), train, held_out
 
 
 def demo_config(size: str) -> ml_collections.ConfigDict:

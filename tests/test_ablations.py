@@ -54,8 +54,11 @@ def test_runner_at_smoke_size(tmp_path):
     saved = json.loads((out / "ablations.json").read_text())
     assert set(saved["results"]) == {"random", "s_a", "ours"} and saved["settings"]["n_held_out"] == 1
     seed_dir = work / "smoke-cmft2-cmff4" / "seed0"
-    assert sorted(os.listdir(seed_dir)) == ["cmff_ours", "cmff_random", "cmff_s_a", "cmft_cycle", "held_out.csv",
-                                            "train.csv"]  # one CMFT run serves S_A and Ours; random needs none
+    assert sorted(os.listdir(seed_dir)) == ["cmff_ours", "cmff_random", "cmff_s_a", "cmft_cycle", "split.json",
+                                            "train.csv", "validation.csv"]  # one CMFT run serves S_A and Ours
+    for run in ("cmft_cycle", "cmff_ours"):  # every run reads the one split of the seed's folder
+        assert json.loads((seed_dir / run / "config.json").read_text())["data"]["split"]["file"] == \
+            str(seed_dir / "split.json")
     assert json.loads((seed_dir / "cmff_s_a" / "config.json").read_text())["model"]["branches"] == "A"
     assert json.loads((seed_dir / "cmff_ours" / "config.json").read_text())["init"]["cmft_workdir"] == \
         str(seed_dir / "cmft_cycle")

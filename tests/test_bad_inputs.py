@@ -170,7 +170,7 @@ def cmff_smoke_args(root, workdir, *extra):
     """configs/cmff.py:smoke at the sizes of tests/test_cmff_train.py's tiny config (base 2)."""
     return ("--config=configs/cmff.py:smoke", f"--workdir={workdir}", f"--config.data.root={root}",
             "--config.data.patch_size=(16,16,16)", "--config.model.base=2", "--config.model.conv_impl=native",
-            "--config.val.folds=3", *extra)
+            "--config.data.split.folds=3", *extra)
 
 
 def test_resume_from_a_checkpoint_of_another_architecture(tmp_path, tiny_data):

@@ -41,7 +41,7 @@ def tiny_cmff_config(root, steps=3, **overrides):
     config.data.patch_size = (PATCH,) * 3
     config.model.base, config.model.depth, config.model.conv_impl = 2, 2, "native"
     config.train.steps = steps
-    config.val.folds, config.val.every = 3, 3
+    config.data.split.folds, config.val.every = 3, 3
     return _override(config, overrides)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 
@@ -29,11 +30,16 @@ def test_demo_smoke_end_to_end(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stderr == ""
 
-    with open(work / "held_out.csv") as f:
+    with open(work / "validation.csv") as f:
         held_out = [row["subject_id"] for row in csv.DictReader(f)]
     with open(work / "train.csv") as f:
         train = [row["subject_id"] for row in csv.DictReader(f)]
     assert held_out and train and not set(held_out) & set(train)
+    split = json.loads((work / "split.json").read_text())
+    assert (split["train"], split["validation"], split["folds"]) == (sorted(train), sorted(held_out), 4)
+    for stage in ("cmft", "cmff"):  # both training stages read the demo's split.json, the data root is the whole
+        data = json.loads((work / stage / "config.json").read_text())["data"]
+        assert data["split"]["file"] == str(work / "split.json") and data["root"] == ""
     assert os.listdir(work / "cmft" / "checkpoints") and "6" in os.listdir(work / "cmft" / "checkpoints")
     assert os.listdir(work / "cmff" / "final") == ["6"] and len(os.listdir(work / "cmff" / "best")) == 1
     predictions = sorted(os.listdir(work / "predict" / "predictions"))

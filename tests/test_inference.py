@@ -93,7 +93,7 @@ def test_split_is_seeded_disjoint_and_independent_of_order():
     assert split_subjects(ids[::-1], 5, 2, seed=0, key=str)[1] == sorted(val, reverse=True)
     assert split_subjects(ids, 5, 2, seed=1, key=str)[1] != val
     assert split_subjects(ids, 1, 0, seed=0, key=str) == (ids, [])
-    with pytest.raises(CMFLError, match=r"config.val.fold: must lie in \[0, 4\]"):
+    with pytest.raises(CMFLError, match=r"config.data.split.fold: must lie in \[0, 4\]"):
         split_subjects(ids, 5, 5, seed=0, key=str)
 
 

@@ -67,7 +67,7 @@ def write_subject_csv(path: str, subjects: list[Subject]) -> None:
     writer = csv.writer(buffer)
     writer.writerow(["subject_id", *MODALITIES, "seg", "et_label", "grade"])
     for s in subjects:
-        writer.writerow([s.subject_id, *(os.path.abspath(p) for p in s.images), os.path.abspath(s.label),
-                         s.et_label, s.grade or ""])
+        writer.writerow([s.subject_id, *(os.path.abspath(p) for p in s.images),
+                         os.path.abspath(s.label) if s.label else "", s.et_label, s.grade or ""])
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         f.write(buffer.getvalue())

@@ -16,6 +16,8 @@ from cmfl_jax.data.cache import (
     preprocessed_dir,
 )
 from cmfl_jax.data.layouts import discover
+from cmfl_jax.data.splits import apply_split
+from cmfl_jax.data.subject import Subject
 
 
 def synthetic_root(data: ml_collections.ConfigDict) -> str:
@@ -53,3 +55,14 @@ def load_entries(data: ml_collections.ConfigDict, announce: Callable[[str], None
     if announce is not None and subjects:
         announce(estimate_line(cache_subject(subjects[0], folder, data.normalization), len(subjects), folder))
     return build_cache(subjects, folder, data.normalization)
+
+
+def split_of(data: ml_collections.ConfigDict) -> tuple[list[Subject], list[Subject]]:
+    """(train, validation) subjects of the configured root under ``data.split`` (not yet read or cached)."""
+    root = resolve_root(data)
+    return apply_split(discover(root, require_labels=data.require_labels), data.split, root)
+
+
+def cache_subjects(data: ml_collections.ConfigDict, subjects: list[Subject]) -> list[CachedSubject]:
+    """Validate and cache ``subjects`` of the configured root (cached entries are reused)."""
+    return build_cache(subjects, preprocessed_dir(data.cache_dir or None), data.normalization)

@@ -11,6 +11,7 @@ from types import ModuleType
 
 JOBS = {
     "prepare": "cmfl_jax.jobs.prepare",
+    "split": "cmfl_jax.jobs.split",
     "cmft": "cmfl_jax.jobs.cmft",
     "cmff": "cmfl_jax.jobs.cmff",
     "predict": "cmfl_jax.jobs.predict",

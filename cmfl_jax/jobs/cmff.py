@@ -1,8 +1,9 @@
 """The ``cmff`` job (``configs/cmff.py``): phase 2, segmentation by S_A, S_B and the fusion branch S_F.
 
 S_A and S_B start from the CMFT generators (:mod:`cmfl_jax.training.cmft_init`), the network trains with
-the step of :mod:`cmfl_jax.training.cmff_step`, and the held-out fold is validated as configured
-(:mod:`cmfl_jax.training.validation`), keeping the best model in ``best/`` and the last in ``final/``.
+the step of :mod:`cmfl_jax.training.cmff_step`, and the held-out fold of ``config.data.split`` is validated as
+configured (:mod:`cmfl_jax.training.validation`: a fixed subset periodically, the whole fold at the last step),
+keeping the best model in ``best/`` and the last in ``final/`` with the whole fold's metrics.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ import ml_collections
 from absl import logging
 
 from cmfl_jax import sharding
-from cmfl_jax.data.dataset import load_entries
+from cmfl_jax.data.dataset import cache_subjects, split_of
 from cmfl_jax.data.pairs import pair_channels
 from cmfl_jax.data.pipeline import patch_dataset
-from cmfl_jax.data.splits import split_subjects
+from cmfl_jax.data.splits import split_settings
 from cmfl_jax.training import checkpoints
 from cmfl_jax.training.cmff_step import create_state, make_train_step
 from cmfl_jax.training.cmft_init import INIT_SOURCES, check_init_mode, cmft_checkpoint
@@ -28,14 +29,13 @@ from cmfl_jax.training.validation import Validator
 
 
 def _data(config: ml_collections.ConfigDict) -> tuple[list, list]:
-    entries = load_entries(config.data)
-    v = config.val
-    train, val = split_subjects(entries, v.folds, v.fold, v.seed)
-    if v.max_subjects > 0:
-        val = val[: v.max_subjects]
-    logging.info("cmff: %d training and %d validation subjects (fold %d of %d)", len(train), len(val), v.fold,
-                 v.folds)
-    return train, val
+    """(train, validation) entries of ``config.data.split``: the same split as CMFT's."""
+    train, val = split_of(config.data)
+    s = split_settings(config.data.split)
+    logging.info("cmff: %d training and %d validation subjects (data.split: %s)", len(train), len(val),
+                 config.data.split.file or f"fold {s['fold']} of {s['folds']}, seed {s['seed']}")
+    entries = cache_subjects(config.data, train + val)
+    return entries[: len(train)], entries[len(train):]
 
 
 def save_final(workdir: str, states: dict, step: int, val: dict | None) -> None:
@@ -66,15 +66,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                             flip=d.flip, num_workers=d.num_workers, shard=sharding.data_shard(config))
     states = {"seg": create_state(jax.random.key(config.seed), config, resuming=resuming)}
     validator = Validator(config, val_entries, workdir)
-    last_val: dict = {}
 
     def on_step(step, states, batch):
         del batch
-        if not validator.due(step):
-            return None
-        last_val.clear()
-        last_val.update(validator(step, states))
-        return last_val
+        return validator(step, states) if validator.due(step) else None
 
     phase = Phase("cmff", states, make_train_step(config), to_batch=lambda b: {"image": jnp.asarray(b["image"]),
                                                                               "label": jnp.asarray(b["label"])},
@@ -84,7 +79,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     finally:
         validator.close()
     if step >= config.train.steps:  # not after a SIGTERM/SIGINT stop
-        save_final(workdir, states, step, last_val)
+        save_final(workdir, states, step, validator.scores)
     return states
 
 

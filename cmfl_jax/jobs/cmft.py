@@ -1,7 +1,8 @@
 """The ``cmft`` job (``configs/cmft.py``): phase 1, the CycleGAN between the modality pairs A and B.
 
-Reads the patches, trains the four networks of :mod:`cmfl_jax.training.cmft_step` with the resumable
-loop, and draws a preview of the translations every ``train.preview_every`` steps.
+Reads patches of the training part of ``config.data.split`` only (CMFF's validation fold stays unseen), trains
+the four networks of :mod:`cmfl_jax.training.cmft_step` with the resumable loop, and draws a preview of the
+translations every ``train.preview_every`` steps.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging
 
 from cmfl_jax import sharding
-from cmfl_jax.data.dataset import load_entries
+from cmfl_jax.data.dataset import cache_subjects, split_of
 from cmfl_jax.data.pairs import pair_channels, split_pairs
 from cmfl_jax.data.pipeline import patch_dataset
 from cmfl_jax.errors import CMFLError
@@ -31,7 +33,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if c.objective not in GENERATORS:
         raise CMFLError("config.cmft.objective", f"unknown objective {c.objective!r}; choose cycle or self")
     pair_channels(config.data.pairing)  # fail early on a bad pairing
-    entries = load_entries(config.data)
+    train_subjects, held_out = split_of(config.data)  # never CMFF's validation fold (the same data.split)
+    logging.info("cmft: %d training subjects, %d held out for CMFF validation (data.split)", len(train_subjects),
+                 len(held_out))
+    entries = cache_subjects(config.data, train_subjects)
     d = config.data
     dataset = patch_dataset(entries, d.patch_size, seed=config.seed,
                             batch_size=sharding.host_batch_size(config.train.batch_size), tumour_prob=d.tumour_prob,

@@ -1,10 +1,12 @@
 """The whole method in one job (``configs/demo.py``): CMFT -> CMFF -> predict -> evaluate -> export.
 
 Each stage is the existing job's ``run(config, workdir)`` on its own sub-folder of the workdir, with the
-config of its own file (``configs/<job>.py``) plus the shared data, U-Net and seed. Predictions and
-evaluation cover only the subjects CMFF held out (its validation fold, split as the CMFF job splits
-them), listed in ``<workdir>/held_out.csv`` (the explicit CSV layout), so the scores are on unseen
-subjects. Running the same command again reuses every finished stage whose config is unchanged (a
+config of its own file (``configs/<job>.py``) plus the shared data, U-Net and seed. The split comes first
+(``config.data.split``, written as the ``split`` job writes it: ``<workdir>/split.json``, ``train.csv``,
+``validation.csv``); CMFT and CMFF get ``data.split.file=<workdir>/split.json``, so CMFT trains on the
+training subjects only and CMFF validates on the rest, and predictions and evaluation cover only those
+held-out subjects (``validation.csv`` as their data root), so the scores are on unseen subjects. Running
+the same command again reuses every finished stage whose config and split are unchanged (a
 ``demo_stage.json`` marker in its folder) and resumes an unfinished training from its checkpoint; a stage
 after one that ran is redone. The job ends with one summary on stdout, also written to
 ``<workdir>/summary.md``.
@@ -23,11 +25,10 @@ import ml_collections
 from absl import logging
 
 from cmfl_jax.config_defaults import model_config
-from cmfl_jax.data.csv_layout import write_subject_csv
-from cmfl_jax.data.dataset import resolve_root
+from cmfl_jax.data import splits
+from cmfl_jax.data.dataset import resolve_root, split_of
 from cmfl_jax.data.io import atomic_path
-from cmfl_jax.data.layouts import Subject, discover
-from cmfl_jax.data.splits import split_subjects
+from cmfl_jax.data.subject import Subject
 from cmfl_jax.errors import CMFLError
 from cmfl_jax.jobs import PIPELINE, job_module
 from cmfl_jax.run_log import format_seconds
@@ -37,32 +38,29 @@ STAGES = PIPELINE  # each stage is the job of that name, run through the registr
 MARKER = "demo_stage.json"
 
 
-def held_out_subjects(config: ml_collections.ConfigDict) -> tuple[list[Subject], list[Subject]]:
-    """(training, held-out) subjects of the data root: CMFF's validation fold, as the CMFF job splits them."""
-    subjects = discover(resolve_root(config.data), require_labels=True)
-    v = config.cmff.val
-    train, held_out = split_subjects(subjects, v.folds, v.fold, v.seed)
+def write_split(config: ml_collections.ConfigDict, workdir: str
+                ) -> tuple[list[Subject], list[Subject], dict[str, str]]:
+    """The split of ``config.data.split`` (or its file) written as the ``split`` job writes it, into ``workdir``.
+
+    Returns (training subjects, held-out subjects, the paths of ``split.json``, ``train.csv``, ``validation.csv``
+    under the keys ``split``, ``train``, ``validation``).
+    """
+    root = resolve_root(config.data)  # generates the synthetic data set on first use
+    train, held_out = split_of(config.data)
     if not held_out:
-        raise CMFLError("config.cmff.val.folds", "must be at least 2: the demo predicts and scores the held-out fold")
-    return train, held_out
+        raise CMFLError("config.data.split.folds", "must be at least 2: the demo predicts and scores the held-out "
+                                                   "fold")
+    paths = splits.write_split(workdir, root, splits.split_settings(config.data.split), train, held_out)
+    return train, held_out, paths
 
 
-def write_split(config: ml_collections.ConfigDict, workdir: str) -> tuple[list[Subject], list[Subject], str, str]:
-    """``<workdir>/train.csv`` and ``held_out.csv``: the split as two data roots; (train, held out, their paths)."""
-    train, held_out = held_out_subjects(config)  # generates the synthetic data set on first use
-    os.makedirs(workdir, exist_ok=True)
-    paths = os.path.join(workdir, "train.csv"), os.path.join(workdir, "held_out.csv")
-    write_subject_csv(paths[0], train)
-    write_subject_csv(paths[1], held_out)
-    return train, held_out, *paths
-
-
-def stage_configs(config: ml_collections.ConfigDict, workdir: str, train_csv: str, held_out_csv: str
+def stage_configs(config: ml_collections.ConfigDict, workdir: str, paths: dict[str, str]
                   ) -> dict[str, ml_collections.ConfigDict]:
     """Each stage's own config with the shared values and the paths between stages filled in.
 
-    CMFT reads only the training subjects (``train_csv``: it centres its patches with their labels), CMFF
-    the whole root (it holds the same fold out itself), predict and evaluate only the held-out subjects.
+    CMFT and CMFF read the data root with ``data.split.file`` = the written ``split.json`` (``paths["split"]``):
+    CMFT trains on the training subjects only, CMFF trains on them and validates on the held-out ones; predict
+    and evaluate read only the held-out subjects (``paths["validation"]`` as their data root).
     """
     dirs = {name: os.path.join(workdir, name) for name in STAGES}
     out = {}
@@ -73,14 +71,14 @@ def stage_configs(config: ml_collections.ConfigDict, workdir: str, train_csv: st
     for name in ("cmft", "cmff"):
         out[name].seed = config.seed
         out[name].data = copy.deepcopy(config.data)
+        out[name].data.split.file = paths["split"]
     # CMFT's U-Net is the shared one; the CMFF variant keys (branches, attention) are CMFF's alone.
-    out["cmft"].data.root = train_csv
     out["cmft"].model = ml_collections.ConfigDict({k: config.model[k] for k in model_config()})
     out["cmff"].model = copy.deepcopy(config.model)
     out["cmff"].init.cmft_workdir = dirs["cmft"]
     for name in ("predict", "evaluate"):
         out[name].data = copy.deepcopy(config.data)
-        out[name].data.root = held_out_csv
+        out[name].data.root = paths["validation"]
     out["predict"].data.require_labels = False
     out["predict"].model_dir = dirs["cmff"]
     out["evaluate"].predictions = os.path.join(dirs["predict"], "predictions")
@@ -123,14 +121,19 @@ def _read_marker(stage_dir: str) -> dict | None:
         return None
 
 
-def run_stages(stages: dict[str, ml_collections.ConfigDict], workdir: str) -> dict[str, dict] | None:
-    """Run (or reuse) the stages in order; ``{stage: {"seconds", "reused"}}``, or None if training was stopped."""
+def run_stages(stages: dict[str, ml_collections.ConfigDict], workdir: str, split: str = ""
+               ) -> dict[str, dict] | None:
+    """Run (or reuse) the stages in order; ``{stage: {"seconds", "reused"}}``, or None if training was stopped.
+
+    A stage is reused when its config and ``split`` (the split's ids, which its config names only by file) are
+    those of its last finished run.
+    """
     report, upstream_ran = {}, False
     for name in STAGES:
         stage_dir = os.path.join(workdir, name)
         key = stages[name].to_json_best_effort(sort_keys=True)
         marker = _read_marker(stage_dir)
-        if not upstream_ran and marker is not None and marker.get("config") == key:
+        if not upstream_ran and marker is not None and marker.get("config") == key and marker.get("split") == split:
             logging.info("demo: %s finished before with this config, reused (%s)", name, stage_dir)
             report[name] = {"seconds": marker.get("seconds", 0.0), "reused": True}
             continue
@@ -141,7 +144,7 @@ def run_stages(stages: dict[str, ml_collections.ConfigDict], workdir: str) -> di
             logging.info("demo: %s stopped before its last step; run the same command to resume", name)
             return None
         seconds = time.perf_counter() - start
-        _write_json(os.path.join(stage_dir, MARKER), json.dumps({"config": key, "seconds": seconds}))
+        _write_json(os.path.join(stage_dir, MARKER), json.dumps({"config": key, "split": split, "seconds": seconds}))
         report[name] = {"seconds": seconds, "reused": False}
         upstream_ran = True
     return report
@@ -160,15 +163,19 @@ def summary_text(config: ml_collections.ConfigDict, workdir: str, stages: dict[s
     m, c, f = config.model, stages["cmff"], stages["cmft"]
     took = ", ".join(f"{name} {format_seconds(r['seconds'])}{' (reused)' if r['reused'] else ''}"
                      for name, r in report.items())
-    best_line = (f"best step {best['step']}, validation mean Dice {best['val']['dice_mean']:.4f}" if best
-                 else "no best checkpoint")
+    best_line = (f"best step {best['step']}, validation mean Dice {best['val']['dice_mean']:.4f} over "
+                 f"{best['val'].get('subjects', len(held_out))} subjects" if best else "no best checkpoint")
+    s = splits.split_settings(config.data.split)
+    held = (f"the validation ids of `{config.data.split.file}`" if config.data.split.file
+            else f"CMFF validation fold {s['fold']} of {s['folds']}")
     lines = [
         "# cmfl_jax demo",
         "",
         f"- data: {data}",
-        f"- held out (CMFF validation fold {c.val.fold} of {c.val.folds}): {len(held_out)} subjects "
-        f"({', '.join(s.subject_id for s in held_out)}), listed in `{os.path.join(workdir, 'held_out.csv')}`; "
-        f"the other {n_train} train both phases (`{os.path.join(workdir, 'train.csv')}`)",
+        f"- held out ({held}): {len(held_out)} subjects "
+        f"({', '.join(h.subject_id for h in held_out)}), listed in `{os.path.join(workdir, splits.VALIDATION_CSV)}`; "
+        f"the other {n_train} train both phases (`{os.path.join(workdir, splits.TRAIN_CSV)}`); the split: "
+        f"`{os.path.join(workdir, splits.SPLIT_FILE)}`",
         f"- model: U-Net base {m.base}, depth {m.depth}, patches {'x'.join(map(str, config.data.patch_size))}, "
         f"CMFF branches {m.branches}, attention {m.attention}",
         f"- CMFT ({f.train.steps} steps): `{d['cmft']}` (checkpoints/, previews/, metrics.jsonl)",
@@ -189,10 +196,12 @@ def summary_text(config: ml_collections.ConfigDict, workdir: str, stages: dict[s
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     start = time.perf_counter()
-    train, held_out, train_csv, held_out_csv = write_split(config, workdir)
-    logging.info("demo: %d training and %d held-out subjects (%s)", len(train), len(held_out), held_out_csv)
-    stages = stage_configs(config, workdir, train_csv, held_out_csv)
-    report = run_stages(stages, workdir)
+    train, held_out, paths = write_split(config, workdir)
+    logging.info("demo: %d training and %d held-out subjects (%s)", len(train), len(held_out), paths["split"])
+    stages = stage_configs(config, workdir, paths)
+    with open(paths["split"]) as f:
+        split = json.dumps({k: v for k, v in json.load(f).items() if k in ("train", "validation")}, sort_keys=True)
+    report = run_stages(stages, workdir, split)
     if report is None:
         return
     text = summary_text(config, workdir, stages, report, len(train), held_out, time.perf_counter() - start)

@@ -46,6 +46,10 @@ def _check_cmft_config(cmft_workdir: str, config: ml_collections.ConfigDict) -> 
         if theirs is not None and theirs != ours:
             raise CMFLError(path, f"the CMFT run has {section}.{key}={theirs!r} but this run has {ours!r}; "
                                   f"set --config.{section}.{key}={theirs!r} or train CMFT with this setting")
+    theirs, ours = saved.get("data", {}).get("split"), config.data.split.to_dict()
+    if theirs != ours:  # runs from before data.split trained CMFT on every subject
+        logging.warning("init: the CMFT run %s has data.split=%s but this run has %s: CMFT may have trained on "
+                        "this run's validation subjects", path, theirs, ours)
 
 
 def cmft_checkpoint(config: ml_collections.ConfigDict) -> tuple[str, int]:

@@ -1,12 +1,19 @@
 """CMFF validation: sliding-window prediction of the held-out subjects, BraTS metrics, and the best model.
 
-The score that picks the best checkpoint (``best/``) is the mean Dice over ET, WT and TC.
+Bounded: the periodic validations see a fixed subset of the held-out fold, its first ``val.max_subjects`` ids
+in sorted order (0: all), and with ``val.full_at_end`` the last step sees the whole fold. The score that picks
+the best checkpoint (``best/``) is the mean Dice over ET, WT and TC **of the subset**, at every validation
+including the last (whose subset score is the mean over the same first subjects of the whole-fold run), so
+the best model is chosen among like scores. Logged under ``val/``: the subset's metrics, ``subjects`` and
+``seconds`` (the validation's wall time); at a whole-fold validation also ``full/<metric>`` and
+``full/subjects``; ``final/`` keeps the whole fold's metrics.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import time
 
 import ml_collections
 import numpy as np
@@ -36,22 +43,28 @@ class Validator:
     """Sliding-window prediction of the held-out subjects, BraTS metrics, an overlay PNG, and the best model."""
 
     def __init__(self, config: ml_collections.ConfigDict, entries: list, workdir: str):
-        self.config, self.entries, self.workdir = config, entries, workdir
+        self.config, self.workdir = config, workdir
         v = config.val
+        self.entries = sorted(entries, key=lambda e: e.subject_id)  # the whole held-out fold
+        self.subset = self.entries[: v.max_subjects] if v.max_subjects > 0 else self.entries
         self.predict = cmff_predict_fn(builder.cmff_net(config.model), config.data.pairing, mirror=v.mirror)
         self.best_manager = checkpoints.make_manager(workdir, 1, subdir="best")
         meta = checkpoints.read_meta(self.best_manager)
         self.best = float(meta["val"]["dice_mean"]) if meta else -1.0
+        self.scores: dict[str, float] = {}  # of the last validation: the whole fold's when it saw it, for final/
 
     def due(self, step: int) -> bool:
         return bool(self.entries) and (step % self.config.val.every == 0 or step == self.config.train.steps)
 
-    def evaluate(self, params: dict, step: int | None = None) -> tuple[dict[str, float], list]:
-        """Metrics averaged over the validation subjects; also (subject, image, label, pred, WT Dice) of the first."""
+    def whole_fold(self, step: int) -> bool:
+        return bool(self.config.val.full_at_end) and step == self.config.train.steps
+
+    def evaluate(self, params: dict, entries: list, step: int | None = None) -> tuple[list[dict], tuple]:
+        """BraTS metrics of each of ``entries``; also (subject, image, label, pred, WT Dice) of the first."""
         v, window = self.config.val, tuple(self.config.data.patch_size)
         predict = functools.partial(self.predict, params)
         per_subject, first = [], None
-        for entry in progress(self.entries, desc=f"cmff validation (step {step}): subject"):
+        for entry in progress(entries, desc=f"cmff validation (step {step}): subject"):
             image = uncrop(entry.image(), entry)  # the full grid: the tiling and the metrics of the raw volume
             probs = sliding_window(predict, image, window, v.overlap, v.batch_size)
             pred = restrict_to_brain(classes_to_labels(np.argmax(probs, axis=-1)), image)
@@ -59,19 +72,34 @@ class Validator:
             per_subject.append(brats_metrics(pred, label, entry.meta["spacing"]))
             if first is None:
                 first = (entry.subject_id, image, label, pred, per_subject[0]["WT"]["dice"])
-        return validation_summary(per_subject), first
+        return per_subject, first
 
     def __call__(self, step: int, states: dict) -> dict[str, float]:
-        metrics, (subject, image, label, pred, dice_wt) = self.evaluate(states["seg"].params, step)
+        """Validate at ``step``; the record logged under ``val/`` (see the module's docstring)."""
+        whole = self.whole_fold(step)
+        entries = self.entries if whole else self.subset
+        start = time.perf_counter()
+        per_subject, (subject, image, label, pred, dice_wt) = self.evaluate(states["seg"].params, entries, step)
+        seconds = time.perf_counter() - start
+        logging.info("cmff: validation of %d subjects took %.1f s (step %d%s)", len(entries), seconds, step,
+                     ", the whole held-out fold" if whole else "")
+        metrics = validation_summary(per_subject[: len(self.subset)])  # self.subset leads self.entries
+        record = {**metrics, "subjects": len(self.subset), "seconds": seconds}
+        self.scores = {**metrics, "subjects": len(self.subset)}
+        if whole:
+            full = validation_summary(per_subject)
+            record.update({f"full/{k}": x for k, x in {**full, "subjects": len(entries)}.items()})
+            self.scores = {**full, "subjects": len(entries)}
         save_segmentation_png(os.path.join(self.workdir, "previews", f"cmff_val_{step:07d}.png"), image, label, pred,
                               title=f"CMFF step {step}, {subject}: WT Dice {dice_wt:.3f} (mean over "
-                                    f"{len(self.entries)} validation subjects {metrics['dice_WT']:.3f})")
+                                    f"{len(self.subset)} validation subjects {metrics['dice_WT']:.3f})")
         if metrics["dice_mean"] > self.best:
             self.best = metrics["dice_mean"]
-            checkpoints.save(self.best_manager, step, states, {"step": step, "val": metrics}, force=True)
-            logging.info("cmff: new best mean Dice %.4f at step %d (saved to %s)", self.best, step,
-                         self.best_manager.directory)
-        return metrics
+            checkpoints.save(self.best_manager, step, states,
+                             {"step": step, "val": {**metrics, "subjects": len(self.subset)}}, force=True)
+            logging.info("cmff: new best mean Dice %.4f over %d validation subjects at step %d (saved to %s)",
+                         self.best, len(self.subset), step, self.best_manager.directory)
+        return record
 
     def close(self) -> None:
         checkpoints.close(self.best_manager)
