@@ -60,20 +60,29 @@ def postprocess(label: np.ndarray, spacing: Sequence[float], et_min_mm3: float, 
     return small_et_to_necrosis(remove_small_tumour_components(label, spacing, wt_min_mm3), spacing, et_min_mm3)
 
 
-def tune_et_threshold(predictions: Sequence[np.ndarray], labels: Sequence[np.ndarray],
-                      spacings: Sequence[Sequence[float]], grid: Sequence[float] = ET_GRID_MM3
+def resolve_et_threshold(configured: float, tuned: float | None) -> float:
+    """The ET threshold to apply: ``configured`` when >= 0 (0 switches the rule off), else the model's tuned
+    value, else :data:`DEFAULT_ET_MIN_MM3`."""
+    if configured >= 0:
+        return float(configured)
+    return float(tuned) if tuned is not None else DEFAULT_ET_MIN_MM3
+
+
+def et_statistics(pred: np.ndarray, target: np.ndarray, spacing: Sequence[float]) -> tuple[float, float, bool]:
+    """What tuning needs of one subject: (predicted ET volume in mm³, ET Dice as predicted, no ET in the target)."""
+    volume = np.count_nonzero(pred == ET) * voxel_mm3(spacing)
+    dice = binary_metrics(region_mask(pred, "ET"), region_mask(target, "ET"))["dice"]
+    return float(volume), float(dice), not bool(np.any(target == ET))
+
+
+def tune_et_threshold(stats: Sequence[tuple[float, float, bool]], grid: Sequence[float] = ET_GRID_MM3
                       ) -> tuple[float, dict[float, float]]:
-    """The ET threshold of ``grid`` with the highest mean ET Dice over the subjects (ties: the smallest), and
-    the mean ET Dice of every threshold. ET volumes are counted once per subject, so the grid is cheap."""
-    et_voxels = [int(np.count_nonzero(p == ET)) * voxel_mm3(s) for p, s in zip(predictions, spacings, strict=True)]
-    kept_dice = [binary_metrics(region_mask(p, "ET"), region_mask(t, "ET"))["dice"]
-                 for p, t in zip(predictions, labels, strict=True)]
-    target_empty = [not np.any(t == ET) for t in labels]
+    """The threshold of ``grid`` with the highest mean ET Dice over the subjects' :func:`et_statistics` (ties:
+    the smallest), and the mean ET Dice of every threshold. Below the threshold a subject's ET disappears: Dice
+    1 if it has no ET, else 0; so no volume is kept in memory."""
     scores = {}
     for threshold in grid:
-        # below the threshold ET disappears: Dice 1 if the subject has no ET, else 0
-        per_subject = [(1.0 if empty else 0.0) if 0 < volume < threshold else dice
-                       for volume, dice, empty in zip(et_voxels, kept_dice, target_empty, strict=True)]
+        per_subject = [(1.0 if empty else 0.0) if 0 < volume < threshold else dice for volume, dice, empty in stats]
         scores[float(threshold)] = float(np.mean(per_subject))
     best = max(scores, key=lambda t: (scores[t], -t))
     return best, scores

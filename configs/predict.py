@@ -12,7 +12,8 @@ value written for enhancing tumour):
       --config.case=t1.nii.gz,t1ce.nii.gz,t2.nii.gz,flair.nii.gz --config.case_id=patient7
 With a bundle (configs/export.py) as ``model_dir``, ``--config.use_stablehlo=true`` runs its exported StableHLO
 function (JAX alone, no model code) instead of rebuilding the Flax model. A re-run skips the subjects whose
-outputs exist (``--config.overwrite=true`` redoes them).
+outputs exist (``--config.overwrite=true`` redoes them). The BraTS post-processing tuned on the CMFF validation fold
+is applied by default (``--config.postprocess.et_min_mm3=0`` switches it off).
 """
 
 import ml_collections
@@ -38,6 +39,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.mirror = False  # test-time mirroring over the 8 flips (8x the time)
     config.save_probabilities = False  # also write <subject>_probabilities.nii.gz (float32, 4 classes)
     config.overlays = False  # also write <workdir>/overlays/<subject>.png: 3 planes, prediction (and label) over FLAIR
+    # BraTS post-processing (cmfl_jax.postprocess): ET under et_min_mm3 becomes NCR/NET; -1: the threshold the CMFF
+    # validation tuned (kept in the checkpoint and the bundle), or 500 mm³ when it has none; 0: off.
+    config.postprocess = ml_collections.ConfigDict({"et_min_mm3": -1.0, "wt_min_mm3": 0.0})
     if arg:
         raise ValueError(f"unknown variant {arg!r} of configs/predict.py (none defined)")
     return config

@@ -5,7 +5,15 @@ from __future__ import annotations
 import numpy as np
 
 from cmfl_jax.metrics import brats_metrics
-from cmfl_jax.postprocess import postprocess, remove_small_tumour_components, small_et_to_necrosis, tune_et_threshold
+from cmfl_jax.postprocess import (
+    DEFAULT_ET_MIN_MM3,
+    et_statistics,
+    postprocess,
+    remove_small_tumour_components,
+    resolve_et_threshold,
+    small_et_to_necrosis,
+    tune_et_threshold,
+)
 
 
 def tumour_with_speck() -> np.ndarray:
@@ -56,9 +64,17 @@ def test_tuning_picks_the_smallest_threshold_with_the_best_mean_et_dice():
     et_truth[12:18, 12:18, 12:18] = 4  # true ET: this 216-voxel cube and the 20-voxel speck
     et_pred = et_truth.copy()  # predicted exactly
     volume = np.count_nonzero(et_pred == 4)
-    best, scores = tune_et_threshold([no_et_pred, et_pred], [no_et_truth, et_truth], [spacing, spacing],
-                                     grid=(0.0, 10.0, 50.0, 200.0, float(volume) + 1))
+    stats = [et_statistics(no_et_pred, no_et_truth, spacing), et_statistics(et_pred, et_truth, spacing)]
+    assert stats == [(20.0, 0.0, True), (float(volume), 1.0, False)]
+    best, scores = tune_et_threshold(stats, grid=(0.0, 10.0, 50.0, 200.0, float(volume) + 1))
     # by hand: threshold 0 or 10 keeps the speck (0 + 1) / 2; 50 and 200 drop it (1 + 1) / 2; above the true
     # ET's volume both lose their ET: (1 + 0) / 2
     assert scores == {0.0: 0.5, 10.0: 0.5, 50.0: 1.0, 200.0: 1.0, float(volume) + 1: 0.5}
     assert best == 50.0
+
+
+def test_the_threshold_applied_is_the_configured_then_the_tuned_then_the_default():
+    assert resolve_et_threshold(-1.0, 300.0) == 300.0
+    assert resolve_et_threshold(-1.0, None) == DEFAULT_ET_MIN_MM3
+    assert resolve_et_threshold(0.0, 300.0) == 0.0  # off
+    assert resolve_et_threshold(120.0, 300.0) == 120.0

@@ -3,6 +3,7 @@ from four files; a re-run resumes (skips what is done and up to date)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -57,6 +58,7 @@ def test_predictions_keep_geometry_and_label_convention(tmp_path, cmff_workdir, 
     config.data.root = str(tmp_path / "data")
     config.save_probabilities = True
     config.overlays = True
+    config.postprocess.et_min_mm3 = 0.0  # the network's own labels (post-processing: test_postprocessing_...)
     run(config, str(tmp_path / "out"))
     overlays = sorted(os.listdir(tmp_path / "out" / "overlays"))
     assert overlays == sorted(f"{s.subject_id}.png" for s in discover(str(tmp_path / "data"), False))
@@ -189,6 +191,45 @@ def test_a_rerun_predicts_only_what_is_missing_or_stale(tmp_path, cmff_workdir, 
     assert calls == 1 and third[f"{ids[2]}_probabilities.nii.gz"] > second[f"{ids[1]}.nii.gz"]
     calls, fourth = rerun(overwrite=True)
     assert calls == 3 and all(fourth[f] > third[f] for f in third) and "predict: skipped" not in caplog.text
+
+
+def test_the_tuned_postprocessing_travels_into_the_bundle_and_prediction_applies_it(tmp_path, cmff_workdir,
+                                                                                   monkeypatch):
+    """Validation tunes the ET threshold (best/ and final/ meta), export copies it into bundle.json, and predict
+    applies it unless told otherwise: a hand-made prediction with a 20-voxel ET speck loses it."""
+    from cmfl_jax.inference.bundle import export_bundle
+    from cmfl_jax.postprocess import ET_GRID_MM3
+    from cmfl_jax.training import checkpoints
+
+    workdir, _ = cmff_workdir
+    meta = checkpoints.latest_meta(str(workdir), "best")
+    assert meta["postprocess"]["et_min_mm3"] in ET_GRID_MM3 and meta["postprocess"]["subjects"] == 1
+    assert checkpoints.latest_meta(str(workdir), "final")["postprocess"]["et_min_mm3"] in ET_GRID_MM3
+    bundle = export_bundle(str(workdir), str(tmp_path / "bundle"), "best")
+    info = json.loads(open(os.path.join(bundle, "bundle.json")).read())
+    assert info["postprocess"] == meta["postprocess"]
+
+    speck = np.zeros((20, 22, 24), np.uint8)
+    speck[6:14, 6:14, 6:14] = 2
+    speck[9:11, 9:11, 8:13] = 4  # 20 voxels of 1 mm³
+    monkeypatch.setattr(VolumePredictor, "labels", lambda self, image, *a: (speck, np.zeros((*speck.shape, 4))))
+    write_tiny_dataset(tmp_path / "data", n=1)
+
+    def et_voxels(et_min_mm3: float, tuned: float | None) -> int:
+        info["postprocess"] = {} if tuned is None else {"et_min_mm3": tuned}
+        with open(os.path.join(bundle, "bundle.json"), "w") as f:
+            json.dump(info, f)
+        config = predict_config.get_config()
+        config.model_dir, config.data.root, config.overwrite = bundle, str(tmp_path / "data"), True
+        config.postprocess.et_min_mm3 = et_min_mm3
+        run(config, str(tmp_path / "out"))
+        return int(np.count_nonzero(nib.load(tmp_path / "out" / "predictions" / "Brats18_SYN_0000_1.nii.gz")
+                                    .get_fdata() == 4))
+
+    assert et_voxels(-1.0, tuned=30.0) == 0  # the tuned 30 mm³ removes 20 mm³ of ET
+    assert et_voxels(-1.0, tuned=10.0) == 20  # a tuned 10 mm³ keeps it
+    assert et_voxels(-1.0, tuned=None) == 0  # no tuned value: the default 500 mm³
+    assert et_voxels(0.0, tuned=30.0) == 20  # switched off
 
 
 def test_tumour_centre_is_the_centre_of_mass():

@@ -104,6 +104,7 @@ def export_bundle(model_dir: str, out_dir: str, checkpoint: str = "best", platfo
             "source": predictor.source,
             "step": meta.get("step"),
             "validation": meta.get("val", {}),
+            "postprocess": meta.get("postprocess") or {},  # the ET threshold tuned on the validation fold
             "window": list(predictor.window),
             "stablehlo": stablehlo_name(predictor.window),
             "platforms": list(platforms),

@@ -38,12 +38,13 @@ def _data(config: ml_collections.ConfigDict) -> tuple[list, list]:
     return entries[: len(train)], entries[len(train):]
 
 
-def save_final(workdir: str, states: dict, step: int, val: dict | None) -> None:
+def save_final(workdir: str, states: dict, step: int, val: dict | None, postprocess: dict | None = None) -> None:
     """``<workdir>/final``: the states at the last step and their validation metrics (a finished run)."""
     manager = checkpoints.make_manager(workdir, 1, subdir="final")
     try:
         if manager.latest_step() != step:
-            checkpoints.save(manager, step, states, {"step": step, "val": val or {}}, force=True)
+            checkpoints.save(manager, step, states, {"step": step, "val": val or {}, "postprocess": postprocess or {}},
+                             force=True)
     finally:
         checkpoints.close(manager)
 
@@ -79,7 +80,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     finally:
         validator.close()
     if step >= config.train.steps:  # not after a SIGTERM/SIGINT stop
-        save_final(workdir, states, step, validator.scores)
+        save_final(workdir, states, step, validator.scores, validator.postprocess)
     return states
 
 

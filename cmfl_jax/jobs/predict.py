@@ -13,6 +13,7 @@ redoes them).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
@@ -27,6 +28,7 @@ from cmfl_jax.data.io import load_subject, write_nifti
 from cmfl_jax.data.layouts import MODALITIES, Subject, discover, to_dataset
 from cmfl_jax.errors import CMFLError
 from cmfl_jax.inference.stablehlo import BUNDLE_FILE, load_stablehlo_predictor
+from cmfl_jax.postprocess import postprocess, resolve_et_threshold
 from cmfl_jax.previews import save_orthogonal_png
 from cmfl_jax.progress import progress
 
@@ -73,6 +75,19 @@ def _load_predictor(config: ml_collections.ConfigDict):
     return load_predictor(config.model_dir, config.checkpoint)
 
 
+def _tuned_et_threshold(config: ml_collections.ConfigDict) -> float | None:
+    """The ET threshold the model's CMFF validation tuned (bundle.json or the checkpoint's meta), if any."""
+    bundle = os.path.join(config.model_dir, BUNDLE_FILE)
+    if os.path.isfile(bundle):
+        with open(bundle) as f:
+            return (json.load(f).get("postprocess") or {}).get("et_min_mm3")
+    from cmfl_jax.inference.predictor import CHECKPOINT_DIRS
+    from cmfl_jax.training import checkpoints
+
+    meta = checkpoints.latest_meta(config.model_dir, CHECKPOINT_DIRS.get(config.checkpoint, "best")) or {}
+    return (meta.get("postprocess") or {}).get("et_min_mm3")
+
+
 def _outputs(out_dir: str, subject: Subject, probabilities: bool) -> list[str]:
     names = [f"{subject.subject_id}.nii.gz"] + ([f"{subject.subject_id}_probabilities.nii.gz"] if probabilities else [])
     return [os.path.join(out_dir, n) for n in names]
@@ -101,6 +116,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     predictor = _load_predictor(config)
     out_dir = config.out_dir or os.path.join(workdir, "predictions")
     os.makedirs(out_dir, exist_ok=True)
+    tuned = _tuned_et_threshold(config)
+    et_min = resolve_et_threshold(config.postprocess.et_min_mm3, tuned)
+    wt_min = float(config.postprocess.wt_min_mm3)
+    logging.info("predict: post-processing: enhancing tumour under %g mm³ becomes NCR/NET (%s); whole-tumour "
+                 "components under %g mm³ removed", et_min, "off" if et_min == 0 else "config.postprocess" if
+                 config.postprocess.et_min_mm3 >= 0 else "tuned on the validation fold" if tuned is not None
+                 else "the default, the model has no tuned value", wt_min)
     model_time = _mtime(predictor.source)
     todo = [s for s in subjects
             if config.overwrite or not _up_to_date(_outputs(out_dir, s, config.save_probabilities), s, model_time)]
@@ -112,6 +134,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
         loaded = load_subject(subject, with_label=bool(config.overlays))  # the label only to draw it
         image = predictor.model_input(loaded)
         pred, probs = predictor.labels(image, config.overlap, config.batch_size, config.mirror)
+        pred = postprocess(pred, loaded.spacing, et_min, wt_min)
         header = _label_header(loaded.header)
         out = _outputs(out_dir, subject, config.save_probabilities)
         if config.save_probabilities:

@@ -7,6 +7,11 @@ including the last (whose subset score is the mean over the same first subjects 
 the best model is chosen among like scores. Logged under ``val/``: the subset's metrics, ``subjects`` and
 ``seconds`` (the validation's wall time); at a whole-fold validation also ``full/<metric>`` and
 ``full/subjects``; ``final/`` keeps the whole fold's metrics.
+
+Each validation also tunes the BraTS post-processing (:mod:`cmfl_jax.postprocess`): the ET volume threshold
+of the grid with the best mean ET Dice over the subjects it saw, logged as ``et_min_mm3`` and
+``dice_ET_postprocessed`` and kept in the checkpoint meta (``postprocess``), from where prediction and the
+bundle take it.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from cmfl_jax.inference.sliding_window import cmff_predict_fn, restrict_to_brain
 from cmfl_jax.label_classes import classes_to_labels
 from cmfl_jax.metrics import REGIONS, brats_metrics
 from cmfl_jax.models import builder
+from cmfl_jax.postprocess import et_statistics, tune_et_threshold
 from cmfl_jax.previews import save_segmentation_png
 from cmfl_jax.progress import progress
 from cmfl_jax.training import checkpoints
@@ -39,6 +45,12 @@ def validation_summary(per_subject: list[dict]) -> dict[str, float]:
     return out
 
 
+def tuned_postprocess(per_subject: list[dict]) -> dict:
+    """``{"et_min_mm3", "dice_ET", "subjects"}``: the ET threshold tuned on these subjects and its mean ET Dice."""
+    threshold, scores = tune_et_threshold([m["et_stats"] for m in per_subject])
+    return {"et_min_mm3": threshold, "dice_ET": scores[threshold], "subjects": len(per_subject)}
+
+
 class Validator:
     """Sliding-window prediction of the held-out subjects, BraTS metrics, an overlay PNG, and the best model."""
 
@@ -52,6 +64,7 @@ class Validator:
         meta = checkpoints.read_meta(self.best_manager)
         self.best = float(meta["val"]["dice_mean"]) if meta else -1.0
         self.scores: dict[str, float] = {}  # of the last validation: the whole fold's when it saw it, for final/
+        self.postprocess: dict = {}  # tuned at the last validation, for final/
 
     def due(self, step: int) -> bool:
         return bool(self.entries) and (step % self.config.val.every == 0 or step == self.config.train.steps)
@@ -60,7 +73,8 @@ class Validator:
         return bool(self.config.val.full_at_end) and step == self.config.train.steps
 
     def evaluate(self, params: dict, entries: list, step: int | None = None) -> tuple[list[dict], tuple]:
-        """BraTS metrics of each of ``entries``; also (subject, image, label, pred, WT Dice) of the first."""
+        """BraTS metrics of each of ``entries`` (with the ET statistics post-processing is tuned on, under
+        ``"et_stats"``); also (subject, image, label, pred, WT Dice) of the first."""
         v, window = self.config.val, tuple(self.config.data.patch_size)
         predict = functools.partial(self.predict, params)
         per_subject, first = [], None
@@ -69,7 +83,8 @@ class Validator:
             probs = sliding_window(predict, image, window, v.overlap, v.batch_size)
             pred = restrict_to_brain(classes_to_labels(np.argmax(probs, axis=-1)), image)
             label = uncrop(entry.label(), entry)
-            per_subject.append(brats_metrics(pred, label, entry.meta["spacing"]))
+            per_subject.append({**brats_metrics(pred, label, entry.meta["spacing"]),
+                                "et_stats": et_statistics(pred, label, entry.meta["spacing"])})
             if first is None:
                 first = (entry.subject_id, image, label, pred, per_subject[0]["WT"]["dice"])
         return per_subject, first
@@ -84,19 +99,23 @@ class Validator:
         logging.info("cmff: validation of %d subjects took %.1f s (step %d%s)", len(entries), seconds, step,
                      ", the whole held-out fold" if whole else "")
         metrics = validation_summary(per_subject[: len(self.subset)])  # self.subset leads self.entries
-        record = {**metrics, "subjects": len(self.subset), "seconds": seconds}
+        tuned = tuned_postprocess(per_subject[: len(self.subset)])
+        record = {**metrics, "subjects": len(self.subset), "seconds": seconds,
+                  "et_min_mm3": tuned["et_min_mm3"], "dice_ET_postprocessed": tuned["dice_ET"]}
         self.scores = {**metrics, "subjects": len(self.subset)}
+        self.postprocess = tuned
         if whole:
             full = validation_summary(per_subject)
             record.update({f"full/{k}": x for k, x in {**full, "subjects": len(entries)}.items()})
             self.scores = {**full, "subjects": len(entries)}
+            self.postprocess = tuned_postprocess(per_subject)
         save_segmentation_png(os.path.join(self.workdir, "previews", f"cmff_val_{step:07d}.png"), image, label, pred,
                               title=f"CMFF step {step}, {subject}: WT Dice {dice_wt:.3f} (mean over "
                                     f"{len(self.subset)} validation subjects {metrics['dice_WT']:.3f})")
         if metrics["dice_mean"] > self.best:
             self.best = metrics["dice_mean"]
-            checkpoints.save(self.best_manager, step, states,
-                             {"step": step, "val": {**metrics, "subjects": len(self.subset)}}, force=True)
+            checkpoints.save(self.best_manager, step, states, {"step": step, "val": {
+                **metrics, "subjects": len(self.subset)}, "postprocess": tuned}, force=True)
             logging.info("cmff: new best mean Dice %.4f over %d validation subjects at step %d (saved to %s)",
                          self.best, len(self.subset), step, self.best_manager.directory)
         return record
