@@ -47,7 +47,7 @@ from cmfl_jax.data.preprocess import PREPROCESS_VERSION, preprocess_images
 from cmfl_jax.errors import CMFLError
 from cmfl_jax.progress import progress
 
-CACHE_FORMAT = 2  # 2: cropped to the brain, blosc2, one folder for every root
+CACHE_FORMAT = 3  # 2: cropped to the brain, blosc2, one folder for every root; 3: 16^3 blocks, no shuffle
 CROP_MARGIN = 4  # voxels of background kept on each side of the brain's bounding box
 _TMP_PREFIX = ".tmp-"
 _TMP_MAX_AGE_S = 3600.0  # a temporary folder this old is a killed build's: a build takes seconds

@@ -23,7 +23,11 @@ from cmfl_jax.errors import CMFLError
 STORAGES = ("blosc2", "npy")
 DEFAULT_STORAGE = "blosc2"
 BLOSC2_CHUNKS = {"image": (32, 32, 32), "label": (32, 32, 32)}  # spatial; the channels stay in one chunk
-BLOSC2_SHUFFLE = True  # byte shuffle before LZ4: ~10 % smaller, ~25 % more CPU per read (cache_benchmark)
+# Blocks (blosc2's unit of decompression inside a chunk) of 16^3 and no byte shuffle: a 128^3 patch then reads
+# in 16 ms against 26 ms from format 1's uncropped .npy (72 ms with 32^3 blocks and shuffle), for 21.5 MB per
+# subject (19.4 MB with shuffle); measured in one run on 2 BraTS-sized phantoms, 60 random patches, best of 3.
+BLOSC2_BLOCKS = (16, 16, 16)
+BLOSC2_SHUFFLE = False
 EXTENSIONS = {"blosc2": ".b2nd", "npy": ".npy"}
 TUMOUR_FILE, META_FILE = "tumour_index.npy", "meta.json"
 _NPY_HEADER_LOCK = threading.Lock()
@@ -69,8 +73,8 @@ def write_array(path_stem: str, array: np.ndarray, storage: str, chunks: tuple[i
                 shuffle: bool | None = None) -> str:
     """Write ``array`` to ``path_stem`` plus the storage's extension; returns the path.
 
-    blosc2: chunks (and blocks) of ``chunks`` spatial voxels, LZ4, byte shuffle if ``shuffle`` (default
-    ``BLOSC2_SHUFFLE``). It compresses in memory and the frame is written with plain Python I/O, so a full
+    blosc2: chunks of ``chunks`` spatial voxels in blocks of ``BLOSC2_BLOCKS``, LZ4, byte shuffle if ``shuffle``
+    (default ``BLOSC2_SHUFFLE``). It compresses in memory and the frame is written with plain Python I/O, so a full
     disk raises an ``OSError`` that names the file (as ``np.save`` does).
     """
     path = path_stem + EXTENSIONS[storage]
@@ -81,7 +85,8 @@ def write_array(path_stem: str, array: np.ndarray, storage: str, chunks: tuple[i
 
     chunks = tuple(chunks or array.shape[:3]) + tuple(array.shape[3:])
     compressed = blosc2.asarray(
-        np.ascontiguousarray(array), chunks=chunks, blocks=chunks,
+        np.ascontiguousarray(array), chunks=chunks,
+        blocks=tuple(min(b, c) for b, c in zip(BLOSC2_BLOCKS, chunks, strict=False)) + tuple(chunks[3:]),
         cparams={"codec": blosc2.Codec.LZ4, "clevel": 5,
                  "filters": [blosc2.Filter.SHUFFLE if (BLOSC2_SHUFFLE if shuffle is None else shuffle)
                              else blosc2.Filter.NOFILTER]},
