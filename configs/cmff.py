@@ -22,7 +22,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.job = "cmff"
     config.seed = 0
-    config.distributed = False  # True: jax.distributed.initialize() first; each host reads its share of the data
+    config.distributed = ml_collections.ConfigDict(  # several processes/hosts: docs/multi_host.md
+        {
+            "enabled": False,  # jax.distributed.initialize() first; each process reads its share of the patches
+            "coordinator_address": "",  # host:port of process 0; "": $JAX_COORDINATOR_ADDRESS or JAX's detection
+            "num_processes": 0,  # 0: $JAX_NUM_PROCESSES or JAX's detection (SLURM, Open MPI, TPU pods, GKE)
+            "process_id": -1,  # -1: $JAX_PROCESS_ID or JAX's detection
+        }
+    )
     config.data = data_config()
     config.model = model_config()
     config.model.branches = "fusion"  # "fusion" (Ours) | "A" | "B" | "A+B" (Table 2)

@@ -26,11 +26,17 @@ def make_manager(workdir: str, max_to_keep: int | None = 3, subdir: str = "check
 
     The caller decides when to save (Orbax's own interval logic would also save the first step).
     ``read_only`` opens another run's checkpoints (CMFF reading CMFT's) without touching them.
+
+    With several processes every one must open the manager and call each save (Orbax writes from process 0
+    and synchronises them). Its barriers are named after the step (``async_write_complete.3``), so managers
+    saving the same step at once (CMFF's ``checkpoints``, ``best`` and ``final`` at the last step) would
+    collide and hang: each subdir gets its own barrier prefix.
     """
     options = ocp.CheckpointManagerOptions(
         max_to_keep=None if read_only else max_to_keep,  # never deletes, never saves (no warnings as read_only=True)
         cleanup_tmp_directories=not read_only,
         create=not read_only,
+        multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=subdir),
     )
     return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, subdir)), options=options)
 

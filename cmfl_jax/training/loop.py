@@ -51,6 +51,7 @@ class Phase:
 
 class StopRequest:
     """SIGTERM/SIGINT while training: finish the current step, save it, and return (preemptible VMs, Ctrl-C).
+    With several processes a signal to any one of them stops all of them after the same step.
 
     A second signal is not caught again: it interrupts at once (the last checkpoint stays valid).
     """
@@ -72,6 +73,19 @@ class StopRequest:
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+class _QuietLog:
+    """The run log of every process but the first: the metrics are the same on all, process 0 writes them."""
+
+    def write(self, step: int, metrics: dict, prefix: str = "train") -> None:
+        pass
+
+    def progress(self, step: int, metrics: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def _report_nonfinite(name: str, step: int, in_a_row: int, limit: int, metrics: dict) -> None:
@@ -98,6 +112,10 @@ def _resume(name: str, states: dict, manager, iterator, seed: int) -> tuple[dict
         return states, jax.random.key(seed), 0
     states, meta = checkpoints.restore(manager, states)
     iterator.set_state(meta["data"])
+    if meta.get("processes", 1) != jax.process_count():
+        logging.warning("%s: the checkpoint was saved by %d processes, this run has %d: the states are the same, but "
+                        "each process's data position counts batches of its own share, so the patches that follow "
+                        "differ from an uninterrupted run", name, meta.get("processes", 1), jax.process_count())
     logging.info("%s: resumed from step %d of %s", name, int(meta["step"]), manager.directory)
     return states, checkpoints.rng_from_json(meta["rng"]), int(meta["step"])
 
@@ -108,17 +126,27 @@ def fit(phase: Phase, dataset, train: ml_collections.ConfigDict, workdir: str, s
     Returns the states and the last finished step: ``train.steps``, or less when a SIGTERM/SIGINT stopped
     the run (its step is saved first, so running the same command again resumes there). The states are
     replicated over all devices and each batch is split over them (:mod:`cmfl_jax.sharding`).
+
+    With several processes every one runs this with the same ``workdir`` (a shared filesystem) and its own
+    share of the data: all of them call the checkpoint saves (Orbax writes from process 0 and waits for the
+    others), process 0 alone writes the metrics log. The iterator state in ``meta`` is process 0's; every
+    process has drawn the same number of batches, so it is each one's position in its own share.
     """
-    if train.fresh and os.path.isdir(os.path.join(workdir, "checkpoints")):
-        logging.info("config.train.fresh: removing %s", os.path.join(workdir, "checkpoints"))
-        shutil.rmtree(os.path.join(workdir, "checkpoints"))
+    if train.fresh:
+        if sharding.is_primary() and os.path.isdir(os.path.join(workdir, "checkpoints")):
+            logging.info("config.train.fresh: removing %s", os.path.join(workdir, "checkpoints"))
+            shutil.rmtree(os.path.join(workdir, "checkpoints"))
+        sharding.barrier(f"{phase.name}: fresh workdir")  # no process opens the checkpoints before they are gone
     manager = checkpoints.make_manager(workdir, train.max_to_keep)
     mesh = sharding.make_mesh()
     iterator = iter(dataset)
     log = None
     try:
         states, rng, start = _resume(phase.name, sharding.replicate(phase.states, mesh), manager, iterator, seed)
-        log = RunLog(workdir, train.steps, start, desc=phase.name, log_every=train.log_every)
+        if sharding.is_primary():  # one metrics.jsonl and TensorBoard log in the shared workdir
+            log = RunLog(workdir, train.steps, start, desc=phase.name, log_every=train.log_every)
+        else:
+            log = _QuietLog()
         done, nonfinite = start, 0  # nonfinite: updates skipped in a row by the NaN guard
         with StopRequest() as stop:
             for step in range(start + 1, train.steps + 1):
@@ -135,13 +163,16 @@ def fit(phase: Phase, dataset, train: ml_collections.ConfigDict, workdir: str, s
                 if extra:
                     log.write(step, extra, prefix="val")
                 done = step
-                if step % train.save_every == 0 or step == train.steps or stop.signal is not None:
+                stopping = sharding.any_process(stop.signal is not None)  # all processes stop at the same step
+                if step % train.save_every == 0 or step == train.steps or stopping:
                     _check_params_finite(states, step)
-                    meta = {"step": step, "rng": checkpoints.rng_to_json(rng), "data": iterator.get_state()}
+                    meta = {"step": step, "rng": checkpoints.rng_to_json(rng), "data": iterator.get_state(),
+                            "processes": jax.process_count()}
                     checkpoints.save(manager, step, states, meta, force=True)
-                if stop.signal is not None:
-                    logging.info("%s: signal %d: stopped after step %d, saved; run the same command to resume",
-                                 phase.name, stop.signal, step)
+                if stopping:
+                    why = f"signal {stop.signal}" if stop.signal is not None else "another process was signalled"
+                    logging.info("%s: %s: stopped after step %d, saved; run the same command to resume", phase.name,
+                                 why, step)
                     break
     finally:
         if log is not None:
