@@ -54,9 +54,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     sharding.initialize_distributed(config)
     pair_channels(config.data.pairing)  # fail early on a bad pairing
     check_init_mode(config)
-    if config.train.fresh:
+    if config.train.fresh and sharding.is_primary():
         for sub in ("best", "final"):  # fit() removes checkpoints/; a fresh run keeps no best or final either
             shutil.rmtree(os.path.join(workdir, sub), ignore_errors=True)
+    sharding.barrier("cmff_fresh")  # no process reads best/ or final/ before they are gone
     resuming = not config.train.fresh and checkpoints.latest_step(workdir) is not None
     if INIT_SOURCES[config.init.mode] and not resuming:
         cmft_checkpoint(config)  # before the data: a missing CMFT run is reported at once
