@@ -52,6 +52,13 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def cache_size(entries: list[CachedSubject]) -> dict:
+    """What the entries take on disk: ``{"cache_dir", "subjects", "total_bytes", "bytes_per_subject"}``."""
+    sizes = [e.nbytes() for e in entries]
+    return {"cache_dir": os.path.dirname(entries[0].path) if entries else "", "subjects": len(sizes),
+            "total_bytes": sum(sizes), "bytes_per_subject": round(sum(sizes) / max(len(sizes), 1))}
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     root = resolve_root(config.data)
     logging.info("preparing %s", root)
@@ -60,7 +67,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     table = markdown_table(rows)
     os.makedirs(workdir, exist_ok=True)
     with atomic_path(os.path.join(workdir, "prepare_summary.json")) as tmp, open(tmp, "w") as f:
-        json.dump({"root": os.path.abspath(root), "rows": rows}, f, indent=1)
+        json.dump({"root": os.path.abspath(root), "rows": rows, "cache": cache_size(entries)}, f, indent=1)
     with atomic_path(os.path.join(workdir, "prepare_summary.md")) as tmp, open(tmp, "w") as f:
         f.write(f"Data root: `{os.path.abspath(root)}`\n\n{table}\n")
     print(f"\n{len(entries)} subjects in {root} (cache: {os.path.dirname(entries[0].path)})\n\n{table}\n")
