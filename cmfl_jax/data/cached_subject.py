@@ -23,9 +23,10 @@ from cmfl_jax.errors import CMFLError
 STORAGES = ("blosc2", "npy")
 DEFAULT_STORAGE = "blosc2"
 BLOSC2_CHUNKS = {"image": (32, 32, 32), "label": (32, 32, 32)}  # spatial; the channels stay in one chunk
-# Blocks (blosc2's unit of decompression inside a chunk) of 16^3 and no byte shuffle: a 128^3 patch then reads
-# in 16 ms against 26 ms from format 1's uncropped .npy (72 ms with 32^3 blocks and shuffle), for 21.5 MB per
-# subject (19.4 MB with shuffle); measured in one run on 2 BraTS-sized phantoms, 60 random patches, best of 3.
+# Blocks (blosc2's unit of decompression inside a chunk) of 16^3, no byte shuffle: 22.6 MB per BraTS-sized phantom
+# (20.9 MB with shuffle). A 128^3 patch (image + label) with the files in the page cache, on an idle machine:
+# 16.5 ms (32^3 blocks 14.9 ms, with shuffle 18.1 ms) against 7.0 ms from format 1's uncropped .npy memory map;
+# from disk, compressed entries read faster (experiments/results/cache_benchmark.md, "cold").
 BLOSC2_BLOCKS = (16, 16, 16)
 BLOSC2_SHUFFLE = False
 EXTENSIONS = {"blosc2": ".b2nd", "npy": ".npy"}
