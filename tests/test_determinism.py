@@ -8,10 +8,13 @@ What is not the same: another commit whose train step compiles to another XLA pr
 ``jnp.where(finite, new, old)`` and ``isfinite`` reductions in the step) changed no formula but changed float
 rounding: configs/cmff.py:smoke at c53fe5a and at 61eea95 (the guard, nothing else on that path) differs in 285
 of 320 arrays after 3 steps and by 1.1e-5 after 6, while 61eea95 and e1fbcac (the data-parallel jit) agree bit for
-bit. docs/results.md's held-out ET Dice 0.7220 and 0.7318 are demo runs of c53fe5a (its configs/demo.py quotes
-them) and of e1fbcac: they differ by this rounding, grown over 750 training steps (the size of the growth is
-inferred, not rerun). Two runs of the default demo on one commit, one from empty caches and one from warm ones,
-agree bit for bit (CMFT checkpoint 150 and CMFF checkpoint 100: every param and optimizer array, every logged loss).
+bit. docs/results.md's held-out ET Dice 0.7220 and 0.7318 are demo runs of c53fe5a's code (its configs/demo.py
+quotes ET 0.72, WT 0.91, TC 0.87) and of e1fbcac's: they differ by this rounding, grown over 750 training steps
+(the size of the growth is inferred, not rerun). Two runs of the default demo on one commit (the code of
+f208600), one from empty caches and one from warm ones, the first stopped by SIGTERM at CMFF step 111 and
+resumed, agree bit for bit: every param and optimizer array of the CMFT and CMFF checkpoints, every logged loss
+and validation metric (all but ``val/seconds``), the predicted volumes, and the summary (held-out Dice ET
+0.7158, WT 0.9016, TC 0.8811).
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ def flat_params(states) -> dict[str, np.ndarray]:
 
 
 def metric_lines(workdir) -> list[dict]:
-    """metrics.jsonl without timings (none are written today; a rate or duration would differ run to run)."""
+    """metrics.jsonl without wall-clock timings (``val/seconds``), the one thing that differs run to run."""
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         lines = [json.loads(x) for x in f]
     return [{k: v for k, v in x.items() if not any(t in k for t in ("time", "sec", "rate"))} for x in lines]
