@@ -164,7 +164,7 @@ def train_cmft(stage: ml_collections.ConfigDict, run: str, workdir: str) -> dict
 
 def train_variant(stage: ml_collections.ConfigDict, variant: Variant, workdir: str) -> tuple[dict, dict]:
     """Train one CMFF variant (reused when finished); (its final held-out metrics, ``{"seconds", "reused"}``)."""
-    from cmfl_jax.training import checkpoints
+    from cmfl_jax import checkpoints
 
     config = copy.deepcopy(stage)
     for path, value in variant.overrides.items():

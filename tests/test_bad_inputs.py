@@ -15,8 +15,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from cmfl_jax import checkpoints
 from cmfl_jax.data.io import read_nifti, write_nifti
-from cmfl_jax.training import checkpoints
 from cmfl_jax.training.cmff_step import create_state
 
 from .conftest import write_tiny_dataset

@@ -14,12 +14,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from cmfl_jax import checkpoints
 from cmfl_jax.errors import CMFLError
 from cmfl_jax.inference.bundle import export_bundle, parse_platforms, stablehlo_name
 from cmfl_jax.inference.predictor import load_bundle, load_workdir
 from cmfl_jax.inference.stablehlo import load_stablehlo_predictor
 from cmfl_jax.jobs.predict import run as run_predict
-from cmfl_jax.training import checkpoints
 from cmfl_jax.training.cmff_step import create_state
 from configs import predict as predict_config
 

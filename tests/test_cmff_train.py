@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+from cmfl_jax import checkpoints
 from cmfl_jax.errors import CMFLError
 from cmfl_jax.jobs.cmff import train as train_cmff
 from cmfl_jax.models import builder
 from cmfl_jax.models.cmff import BRANCHES
 from cmfl_jax.models.fusion import ATTENTIONS
-from cmfl_jax.training import checkpoints
 from cmfl_jax.training.cmff_step import create_state, make_train_step
 from cmfl_jax.training.cmft_init import initial_params
 from cmfl_jax.training.cmft_step import create_states as create_cmft_states

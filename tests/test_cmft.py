@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cmfl_jax import checkpoints
 from cmfl_jax.jobs.cmft import train as train_cmft
-from cmfl_jax.training import checkpoints
 from cmfl_jax.training.cmft_step import create_states, make_train_step
 from configs import cmft as cmft_config
 

@@ -29,9 +29,9 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+from cmfl_jax import checkpoints
 from cmfl_jax.jobs.cmff import train as train_cmff
 from cmfl_jax.jobs.cmft import train as train_cmft
-from cmfl_jax.training import checkpoints
 from cmfl_jax.training.cmff_step import create_state
 
 from .conftest import REPO, write_tiny_dataset

@@ -54,16 +54,31 @@ def all_commands() -> list[tuple[str, str]]:
 
 
 def python_invocations(command: str) -> list[list[str]]:
-    """The argument lists after ``python -m`` / ``cmfl-jax`` in one shell line (``&&`` splits commands)."""
-    out = []
-    for part in re.split(r"&&|;", command):
-        words = shlex.split(part.replace("[", "").replace("]", ""))
-        for i, word in enumerate(words):
-            if word == "-m" and i + 1 < len(words) and words[i - 1].endswith(("python", "python3")):
-                out.append(words[i + 1 :])
-            elif word.endswith("cmfl-jax"):
-                out.append(["cmfl_jax.main", *words[i + 1 :]])
+    """The argument lists after ``python -m`` / ``cmfl-jax`` in one shell line (``&&`` and ``;`` split commands;
+    a quoted command, as ``ssh ... --command="..."`` passes it, is read as well)."""
+    words = []
+    for word in shlex.split(command.replace("[", "").replace("]", "")):
+        words += [w for w in re.split(r"(&&|;)", word) if w] if "=" not in word.split(" ")[0] else [word]
+    flat = []
+    for word in words:
+        flat += shlex.split(word.split("=", 1)[1]) if word.startswith("--command=") else [word]
+    out, current = [], []
+    for word in [*flat, "&&"]:
+        if word in ("&&", ";"):
+            out += _after_python(current)
+            current = []
+        else:
+            current.append(word)
     return out
+
+
+def _after_python(words: list[str]) -> list[list[str]]:
+    for i, word in enumerate(words):
+        if word == "-m" and i + 1 < len(words) and words[i - 1].endswith(("python", "python3")):
+            return [words[i + 1 :]]
+        if word.endswith("cmfl-jax"):
+            return [["cmfl_jax.main", *words[i + 1 :]]]
+    return []
 
 
 COMMANDS = all_commands()
@@ -104,7 +119,7 @@ def test_command_names_what_exists(doc, command):
 def test_inline_overrides_name_existing_keys():
     configs = [load_config(p, None) for p in CONFIG_FILES]
     for doc in DOCS:
-        for key in sorted(set(re.findall(r"--config\.([a-z_][a-z0-9_.]*)", open(doc).read()))):
+        for key in sorted({k.rstrip(".") for k in re.findall(r"--config\.([a-z_][a-z0-9_.]*)", open(doc).read())}):
             assert any(has_key(c, key) for c in configs), f"{os.path.relpath(doc, REPO)}: no config has key {key}"
 
 
@@ -113,3 +128,5 @@ def test_the_checker_catches_a_wrong_key():
     assert has_key(config, "init.cmft_workdir") and not has_key(config, "init.cmft_dir")
     assert python_invocations("a && .venv/bin/python -m cmfl_jax.main --config=configs/cmff.py --config.x=1") == [
         ["cmfl_jax.main", "--config=configs/cmff.py", "--config.x=1"]]
+    assert python_invocations('ssh h --command="cd x && python -m cmfl_jax.main --config=c.py --config.y=2"') == [
+        ["cmfl_jax.main", "--config=c.py", "--config.y=2"]]

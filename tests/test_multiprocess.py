@@ -25,8 +25,9 @@ import jax
 import numpy as np
 import pytest
 
+from cmfl_jax import checkpoints
 from cmfl_jax.sharding import forced_host_devices_env
-from cmfl_jax.training import checkpoints, cmff_step, cmft_step
+from cmfl_jax.training import cmff_step, cmft_step
 from configs import cmff as cmff_config
 from configs import cmft as cmft_config
 

@@ -11,9 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cmfl_jax import checkpoints
 from cmfl_jax.errors import CMFLError
 from cmfl_jax.jobs import cmff as cmff_job
-from cmfl_jax.training import checkpoints, loop, state
+from cmfl_jax.training import loop, state
 from cmfl_jax.training.cmff_step import create_state
 from cmfl_jax.training.cmff_step import make_train_step as make_cmff_step
 from cmfl_jax.training.cmft_step import create_states as create_cmft_states

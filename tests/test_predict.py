@@ -197,9 +197,9 @@ def test_the_tuned_postprocessing_travels_into_the_bundle_and_prediction_applies
                                                                                    monkeypatch):
     """Validation tunes the ET threshold (best/ and final/ meta), export copies it into bundle.json, and predict
     applies it unless told otherwise: a hand-made prediction with a 20-voxel ET speck loses it."""
+    from cmfl_jax import checkpoints
     from cmfl_jax.inference.bundle import export_bundle
     from cmfl_jax.postprocess import ET_GRID_MM3
-    from cmfl_jax.training import checkpoints
 
     workdir, _ = cmff_workdir
     meta = checkpoints.latest_meta(str(workdir), "best")

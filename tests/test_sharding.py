@@ -126,8 +126,8 @@ def sharded_side(out: str) -> None:
     """4 devices: the step on a 1-device mesh and on the 4-device mesh, same states and batch; save the latter."""
     import jax
 
-    from cmfl_jax import sharding
-    from cmfl_jax.training import checkpoints, cmff_step, cmft_step
+    from cmfl_jax import checkpoints, sharding
+    from cmfl_jax.training import cmff_step, cmft_step
 
     assert jax.device_count() == DEVICES, jax.devices()
     for phase in PHASES:
@@ -163,7 +163,7 @@ def restore_side(out: str) -> None:
     """1 device: restore each phase's sharded checkpoint onto freshly made (other seed) states."""
     import jax
 
-    from cmfl_jax.training import checkpoints
+    from cmfl_jax import checkpoints
 
     for phase in PHASES:
         manager = checkpoints.make_manager(os.path.join(out, phase), read_only=True)

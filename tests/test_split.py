@@ -9,13 +9,13 @@ import os
 
 import pytest
 
+from cmfl_jax import checkpoints
 from cmfl_jax.data.csv_layout import read_subject_csv
 from cmfl_jax.data.layouts import discover
 from cmfl_jax.data.splits import split_subjects
 from cmfl_jax.jobs import cmff as cmff_job
 from cmfl_jax.jobs import cmft as cmft_job
 from cmfl_jax.jobs import split as split_job
-from cmfl_jax.training import checkpoints
 from cmfl_jax.training.validation import Validator
 from configs import split as split_config
 

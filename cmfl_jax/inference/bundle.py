@@ -30,12 +30,12 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from absl import logging
 
+from cmfl_jax import checkpoints
 from cmfl_jax.data.pairs import split_pairs
 from cmfl_jax.errors import CMFLError
 from cmfl_jax.inference.predictor import CHECKPOINT_DIRS, Predictor, load_workdir
 from cmfl_jax.inference.stablehlo import BUNDLE_FILE, BUNDLE_FORMAT, load_exported, stablehlo_name
 from cmfl_jax.label_classes import CLASS_LABELS
-from cmfl_jax.training import checkpoints
 
 __all__ = ["DEFAULT_PLATFORMS", "PLATFORMS", "export_bundle", "export_window_function", "load_window_function",
            "parse_platforms", "stablehlo_name"]

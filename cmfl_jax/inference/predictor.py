@@ -20,11 +20,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from cmfl_jax import checkpoints
 from cmfl_jax.errors import CMFLError
 from cmfl_jax.inference.sliding_window import cmff_predict_fn, sliding_window
 from cmfl_jax.inference.stablehlo import BUNDLE_FILE, BUNDLE_FORMAT, VolumePredictor, read_bundle_info
 from cmfl_jax.models import builder
-from cmfl_jax.training import checkpoints
 
 __all__ = ["BUNDLE_FILE", "BUNDLE_FORMAT", "CHECKPOINT_DIRS", "Predictor", "is_bundle", "load_bundle",
            "load_predictor", "load_workdir"]

@@ -16,12 +16,11 @@ import jax.numpy as jnp
 import ml_collections
 from absl import logging
 
-from cmfl_jax import sharding
+from cmfl_jax import checkpoints, sharding
 from cmfl_jax.data.dataset import cache_subjects, split_of
 from cmfl_jax.data.pairs import pair_channels
 from cmfl_jax.data.pipeline import patch_dataset
 from cmfl_jax.data.splits import split_settings
-from cmfl_jax.training import checkpoints
 from cmfl_jax.training.cmff_step import create_state, make_train_step
 from cmfl_jax.training.cmft_init import INIT_SOURCES, check_init_mode, cmft_checkpoint
 from cmfl_jax.training.loop import Phase, fit

@@ -24,6 +24,7 @@ import time
 import ml_collections
 from absl import logging
 
+from cmfl_jax import checkpoints
 from cmfl_jax.config_defaults import model_config
 from cmfl_jax.data import splits
 from cmfl_jax.data.dataset import resolve_root, split_of
@@ -32,7 +33,6 @@ from cmfl_jax.data.subject import Subject
 from cmfl_jax.errors import CMFLError
 from cmfl_jax.jobs import PIPELINE, job_module
 from cmfl_jax.run_log import format_seconds
-from cmfl_jax.training import checkpoints
 
 STAGES = PIPELINE  # each stage is the job of that name, run through the registry
 MARKER = "demo_stage.json"

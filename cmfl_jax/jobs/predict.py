@@ -81,8 +81,8 @@ def _tuned_et_threshold(config: ml_collections.ConfigDict) -> float | None:
     if os.path.isfile(bundle):
         with open(bundle) as f:
             return (json.load(f).get("postprocess") or {}).get("et_min_mm3")
+    from cmfl_jax import checkpoints
     from cmfl_jax.inference.predictor import CHECKPOINT_DIRS
-    from cmfl_jax.training import checkpoints
 
     meta = checkpoints.latest_meta(config.model_dir, CHECKPOINT_DIRS.get(config.checkpoint, "best")) or {}
     return (meta.get("postprocess") or {}).get("et_min_mm3")

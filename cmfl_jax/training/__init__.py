@@ -1,2 +1,2 @@
-"""What training needs beyond the models and the data: train states, the loop, checkpoints, each phase's
+"""What training needs beyond the models and the data: train states, the loop, each phase's
 step, CMFT -> CMFF initialisation and CMFF validation."""

@@ -18,9 +18,9 @@ import numpy as np
 from absl import logging
 from flax import traverse_util
 
+from cmfl_jax import checkpoints
 from cmfl_jax.errors import CMFLError
 from cmfl_jax.models import builder
-from cmfl_jax.training import checkpoints
 
 # config.init.mode -> the CMFT checkpoint items that become (S_A, S_B).
 INIT_SOURCES = {"cmft": ("g_ab", "g_ba"), "self": ("g_aa", "g_bb"), "random": None}

@@ -22,10 +22,9 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from cmfl_jax import sharding
+from cmfl_jax import checkpoints, sharding
 from cmfl_jax.errors import CMFLError
 from cmfl_jax.run_log import RunLog
-from cmfl_jax.training import checkpoints
 from cmfl_jax.training.state import all_finite
 
 

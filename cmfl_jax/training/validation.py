@@ -24,6 +24,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from cmfl_jax import checkpoints
 from cmfl_jax.data.cached_subject import uncrop
 from cmfl_jax.inference.sliding_window import cmff_predict_fn, restrict_to_brain, sliding_window
 from cmfl_jax.label_classes import classes_to_labels
@@ -32,7 +33,6 @@ from cmfl_jax.models import builder
 from cmfl_jax.postprocess import et_statistics, tune_et_threshold
 from cmfl_jax.previews import save_segmentation_png
 from cmfl_jax.progress import progress
-from cmfl_jax.training import checkpoints
 
 
 def validation_summary(per_subject: list[dict]) -> dict[str, float]:
