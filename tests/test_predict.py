@@ -133,6 +133,7 @@ def test_one_case_from_four_files(tmp_path, cmff_workdir):
     config = predict_config.get_config()
     config.model_dir, config.checkpoint = str(workdir), "final"
     config.case, config.case_id, config.et_label = ",".join(subject.images), "patient7", 3
+    config.postprocess.et_min_mm3 = 0.0  # the network's own labels
     run(config, str(tmp_path / "out"))
     assert os.listdir(tmp_path / "out" / "predictions") == ["patient7.nii.gz"]
     written = np.asarray(nib.load(tmp_path / "out" / "predictions" / "patient7.nii.gz").dataobj)
@@ -143,6 +144,20 @@ def test_one_case_from_four_files(tmp_path, cmff_workdir):
     case = case_subject(",".join(subject.images))
     assert (case.subject_id, case.layout, case.label, case.et_label) == ("Brats18_SYN_0000_1", "case", None, 4)
     assert case.images == subject.images
+
+
+def test_a_folder_of_symlinked_subject_folders_predicts(tmp_path, cmff_workdir):
+    """A split made of links (``ln -s``) to subject folders elsewhere: every linked subject is predicted."""
+    workdir, _ = cmff_workdir
+    subjects = write_tiny_dataset(tmp_path / "data", n=3)
+    (tmp_path / "split").mkdir()
+    for subject in subjects[:2]:
+        os.symlink(subject.folder, tmp_path / "split" / os.path.basename(subject.folder))
+    config = predict_config.get_config()
+    config.model_dir, config.checkpoint, config.data.root = str(workdir), "final", str(tmp_path / "split")
+    run(config, str(tmp_path / "out"))
+    written = sorted(os.listdir(tmp_path / "out" / "predictions"))
+    assert written == sorted(f"{s.subject_id}.nii.gz" for s in subjects[:2])
 
 
 def test_a_wrong_case_is_one_line(tmp_path):
