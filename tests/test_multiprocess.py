@@ -39,7 +39,7 @@ CLUSTER_VARS = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"
 # steps, checkpoint interval and job-specific keys; CMFT's discriminator needs 32^3 patches
 JOBS = {
     "cmft": {"steps": 2, "save_every": 1, "overrides": {"data.patch_size": (32, 32, 32), "train.preview_every": 0}},
-    "cmff": {"steps": 3, "save_every": 2, "overrides": {"data.patch_size": (16, 16, 16), "val.folds": 3,
+    "cmff": {"steps": 3, "save_every": 2, "overrides": {"data.patch_size": (16, 16, 16), "data.split.folds": 3,
                                                         "val.every": 3}},
 }
 
