@@ -41,7 +41,7 @@ def test_smoke_run_measures_every_section(tmp_path):
 
     for name in ("cmff_step", "cmft_step"):
         cases = {case["dtype"]: case for case in sections[name]["cases"]}
-        assert set(cases) == {"float32", "bfloat16"}, name
+        assert set(cases) == {"float32"}, name  # smoke: float32 only; full: both (test_full_size_measures_both)
         for case in cases.values():
             assert _positive(case["compile_s"]) and _positive(case["step_s"]), (name, case)
             assert _positive(case["memory"]["peak_mib"]) and _positive(case["xla_mib"]), (name, case)
@@ -63,7 +63,7 @@ def test_smoke_run_measures_every_section(tmp_path):
     for title in ("## Device", "## CMFF train step: 32³", "## CMFT train step: 32³",
                   "## Full-volume inference: 48×48×48", "## Short CMFF run: 10 steps", "## Tests on this device"):
         assert title in table, title
-    assert "| cpu | bfloat16: step (median of 3) |" in table
+    assert "| cpu | float32: step (median of 3) |" in table
     assert "| cpu | mirrored: s per subject (8 windows) |" in table
     assert table in proc.stdout  # printed as written
 
@@ -96,3 +96,8 @@ def test_parse_pytest_counts_finished_and_cut_short_runs():
     done = device_check.parse_pytest("\n".join([*lines, "ERROR tests/test_c.py",
                                                 "==== 1 failed, 1 passed, 1 skipped, 1 error in 3.21s ===="]))
     assert (done["passed"], done["failed"], done["errors"], done["skipped"], done["finished"]) == (1, 1, 1, 1, True)
+
+
+def test_full_size_measures_float32_and_bfloat16():
+    assert device_check.SIZES["full"].dtypes == ("float32", "bfloat16")
+    assert device_check.SIZES["full"].patch == 128 and device_check.SIZES["full"].base == 16

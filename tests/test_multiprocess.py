@@ -202,7 +202,8 @@ def test_two_processes_train_like_one_and_their_checkpoints_restore_in_one(job, 
     for step, values in expected.items():
         assert set(logged[step]) == set(values)
         for name, value in values.items():
-            assert logged[step][name] == pytest.approx(value, rel=1e-5, abs=1e-6), (step, name)
+            if not name.endswith("seconds"):  # wall-clock time of a validation
+                assert logged[step][name] == pytest.approx(value, rel=1e-5, abs=1e-6), (step, name)
 
     # the checkpoints both processes saved are complete, restore on one device, and hold the reference's states
     config = _config(job, data_root)
