@@ -89,8 +89,8 @@ class Size:
     run_subjects: int  # synthetic subjects generated for the short run
     minutes: float  # default --minutes
     xla_flags: tuple[str, ...]  # added to XLA_FLAGS in the cases (unless XLA_FLAGS sets them already)
-    dtypes: tuple[str, ...] = DTYPES  # of the train steps; smoke: float32 (bf16 is what accelerators measure)
     needs: dict[str, float]  # seconds one case of each section needs at least; less left: skipped
+    dtypes: tuple[str, ...] = DTYPES  # of the train steps; smoke: float32 (bf16 is what accelerators measure)
 
 
 SIZES = {

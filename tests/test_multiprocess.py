@@ -55,8 +55,11 @@ def _config(job: str, data_root):
     config = (cmft_config if job == "cmft" else cmff_config).get_config("smoke")
     config.data.root = str(data_root)
     for key, value in _overrides(job).items():
-        section, name = key.split(".")
-        config[section][name] = value
+        *path, name = key.split(".")
+        node = config
+        for part in path:
+            node = node[part]
+        node[name] = value
     return config
 
 
