@@ -24,7 +24,7 @@ import time
 import ml_collections
 from absl import logging
 
-from cmfl_jax import checkpoints
+from cmfl_jax import checkpoints, runtime
 from cmfl_jax.config_defaults import model_config
 from cmfl_jax.data import splits
 from cmfl_jax.data.dataset import resolve_root, split_of
@@ -99,8 +99,7 @@ def run_stage(name: str, stage: ml_collections.ConfigDict, stage_dir: str) -> No
     """The job's own ``run`` with its ``config.json`` (as the CLI writes it: CMFF and predict read it back);
     what the job prints goes to the log, so the demo's summary is the one block on stdout."""
     module = job_module(name)
-    os.makedirs(stage_dir, exist_ok=True)
-    _write_json(os.path.join(stage_dir, "config.json"), stage.to_json_best_effort(indent=2, sort_keys=True))
+    runtime.write_config(stage, stage_dir)
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         module.run(stage, stage_dir)
@@ -199,8 +198,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     train, held_out, paths = write_split(config, workdir)
     logging.info("demo: %d training and %d held-out subjects (%s)", len(train), len(held_out), paths["split"])
     stages = stage_configs(config, workdir, paths)
-    with open(paths["split"]) as f:
-        split = json.dumps({k: v for k, v in json.load(f).items() if k in ("train", "validation")}, sort_keys=True)
+    split = json.dumps({"train": sorted(s.subject_id for s in train),
+                        "validation": sorted(s.subject_id for s in held_out)}, sort_keys=True)  # as split.json lists
     report = run_stages(stages, workdir, split)
     if report is None:
         return
