@@ -16,6 +16,7 @@ from cmfl_jax.data.splits import split_subjects
 from cmfl_jax.jobs import cmff as cmff_job
 from cmfl_jax.jobs import cmft as cmft_job
 from cmfl_jax.jobs import split as split_job
+from cmfl_jax.training import loop
 from cmfl_jax.training.validation import Validator
 from configs import split as split_config
 
@@ -52,13 +53,13 @@ def write_split_files(root, workdir, **settings) -> dict:
 def cmft_training_subjects(config, workdir, monkeypatch) -> list[str]:
     """Run the real cmft job (1 step); the ids of the entries its patch stream was built from."""
     seen = []
-    real = cmft_job.patch_dataset
+    real = loop.patch_dataset
 
     def recording(entries, *args, **kwargs):
         seen.extend(e.subject_id for e in entries)
         return real(entries, *args, **kwargs)
 
-    monkeypatch.setattr(cmft_job, "patch_dataset", recording)
+    monkeypatch.setattr(loop, "patch_dataset", recording)
     cmft_job.train(config, str(workdir))
     assert checkpoints.latest_step(str(workdir)) == config.train.steps  # it trained
     return sorted(seen)
@@ -125,7 +126,7 @@ def test_split_job_writes_the_split_of_split_subjects_and_cmff_validates_on_it(r
     assert ids(cmff_job._data(config)[1]) != ids(validation)  # without the file it would validate on others
     config.data.split.file = str(work / "split.json")
     validated, trained = [], []
-    real_evaluate, real_patches = Validator.evaluate, cmff_job.patch_dataset
+    real_evaluate, real_patches = Validator.evaluate, loop.patch_dataset
 
     def evaluate(self, params, entries, step=None):
         validated.append([e.subject_id for e in entries])
@@ -136,7 +137,7 @@ def test_split_job_writes_the_split_of_split_subjects_and_cmff_validates_on_it(r
         return real_patches(entries, *args, **kwargs)
 
     monkeypatch.setattr(Validator, "evaluate", evaluate)
-    monkeypatch.setattr(cmff_job, "patch_dataset", patches)
+    monkeypatch.setattr(loop, "patch_dataset", patches)
     cmff_job.train(config, str(tmp_path / "cmff"))
     assert validated == [ids(validation)] and sorted(trained) == ids(train)
 

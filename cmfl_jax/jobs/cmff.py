@@ -19,11 +19,10 @@ from absl import logging
 from cmfl_jax import checkpoints, sharding
 from cmfl_jax.data.dataset import cache_subjects, split_of
 from cmfl_jax.data.pairs import pair_channels
-from cmfl_jax.data.pipeline import patch_dataset
 from cmfl_jax.data.splits import split_settings
 from cmfl_jax.training.cmff_step import create_state, make_train_step
 from cmfl_jax.training.cmft_init import INIT_SOURCES, check_init_mode, cmft_checkpoint
-from cmfl_jax.training.loop import Phase, fit
+from cmfl_jax.training.loop import Phase, fit, training_patches
 from cmfl_jax.training.validation import Validator
 
 
@@ -61,10 +60,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if INIT_SOURCES[config.init.mode] and not resuming:
         cmft_checkpoint(config)  # before the data: a missing CMFT run is reported at once
     train_entries, val_entries = _data(config)
-    d = config.data
-    dataset = patch_dataset(train_entries, d.patch_size, seed=config.seed,
-                            batch_size=sharding.host_batch_size(config.train.batch_size), tumour_prob=d.tumour_prob,
-                            flip=d.flip, num_workers=d.num_workers, shard=sharding.data_shard(config))
+    dataset = training_patches(config, train_entries)
     states = {"seg": create_state(jax.random.key(config.seed), config, resuming=resuming)}
     validator = Validator(config, val_entries, workdir)
 

@@ -19,11 +19,10 @@ from absl import logging
 from cmfl_jax import sharding
 from cmfl_jax.data.dataset import cache_subjects, split_of
 from cmfl_jax.data.pairs import pair_channels, split_pairs
-from cmfl_jax.data.pipeline import patch_dataset
 from cmfl_jax.errors import CMFLError
 from cmfl_jax.previews import save_translation_png
 from cmfl_jax.training.cmft_step import GENERATORS, create_states, make_train_step, translate
-from cmfl_jax.training.loop import Phase, fit
+from cmfl_jax.training.loop import Phase, fit, training_patches
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -37,10 +36,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     logging.info("cmft: %d training subjects, %d held out for CMFF validation (data.split)", len(train_subjects),
                  len(held_out))
     entries = cache_subjects(config.data, train_subjects)
-    d = config.data
-    dataset = patch_dataset(entries, d.patch_size, seed=config.seed,
-                            batch_size=sharding.host_batch_size(config.train.batch_size), tumour_prob=d.tumour_prob,
-                            flip=d.flip, num_workers=d.num_workers, shard=sharding.data_shard(config))
+    dataset = training_patches(config, entries)
     states = create_states(jax.random.key(config.seed), config)
     preview = jax.jit(functools.partial(translate, objective=c.objective))
 

@@ -23,9 +23,18 @@ import numpy as np
 from absl import logging
 
 from cmfl_jax import checkpoints, sharding
+from cmfl_jax.data.pipeline import patch_dataset
 from cmfl_jax.errors import CMFLError
 from cmfl_jax.run_log import RunLog
 from cmfl_jax.training.state import all_finite
+
+
+def training_patches(config: ml_collections.ConfigDict, entries: list):
+    """The seeded patch stream of a phase's config: this host's share of the global batch (both phases)."""
+    d = config.data
+    return patch_dataset(entries, d.patch_size, seed=config.seed,
+                         batch_size=sharding.host_batch_size(config.train.batch_size), tumour_prob=d.tumour_prob,
+                         flip=d.flip, num_workers=d.num_workers, shard=sharding.data_shard(config))
 
 
 @dataclasses.dataclass
