@@ -13,7 +13,6 @@ redoes them).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import time
@@ -27,7 +26,7 @@ from cmfl_jax.data.dataset import resolve_root
 from cmfl_jax.data.io import load_subject, write_nifti
 from cmfl_jax.data.layouts import MODALITIES, Subject, discover, to_dataset
 from cmfl_jax.errors import CMFLError
-from cmfl_jax.inference.stablehlo import BUNDLE_FILE, load_stablehlo_predictor
+from cmfl_jax.inference.stablehlo import BUNDLE_FILE, load_stablehlo_predictor, read_bundle_info
 from cmfl_jax.postprocess import postprocess, resolve_et_threshold
 from cmfl_jax.previews import save_orthogonal_png
 from cmfl_jax.progress import progress
@@ -77,10 +76,8 @@ def _load_predictor(config: ml_collections.ConfigDict):
 
 def _tuned_et_threshold(config: ml_collections.ConfigDict) -> float | None:
     """The ET threshold the model's CMFF validation tuned (bundle.json or the checkpoint's meta), if any."""
-    bundle = os.path.join(config.model_dir, BUNDLE_FILE)
-    if os.path.isfile(bundle):
-        with open(bundle) as f:
-            return (json.load(f).get("postprocess") or {}).get("et_min_mm3")
+    if os.path.isfile(os.path.join(config.model_dir, BUNDLE_FILE)):
+        return (read_bundle_info(config.model_dir).get("postprocess") or {}).get("et_min_mm3")
     from cmfl_jax import checkpoints
     from cmfl_jax.inference.predictor import CHECKPOINT_DIRS
 
