@@ -41,7 +41,7 @@ from cmfl_jax.data.cached_subject import (
     CachedSubject,
     write_array,
 )
-from cmfl_jax.data.io import load_subject
+from cmfl_jax.data.io import load_subject, read_json
 from cmfl_jax.data.layouts import INTERNAL_LABELS, Subject
 from cmfl_jax.data.preprocess import PREPROCESS_VERSION, preprocess_images
 from cmfl_jax.errors import CMFLError
@@ -156,11 +156,7 @@ def _build_entry(subject: Subject, final: str, key: str, normalization: str, sto
 
 
 def _read_meta(folder: str) -> dict | None:
-    try:
-        with open(os.path.join(folder, META_FILE)) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
+    return read_json(os.path.join(folder, META_FILE))
 
 
 def _remove_stale(cache_dir: str, subject: Subject, name: str) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gzip
+import json
 import os
 import tempfile
 import zlib
@@ -98,6 +99,15 @@ def _check_same_grid(path, shape, affine, ref_path, ref_shape, ref_affine) -> No
     if not np.allclose(affine, ref_affine, atol=AFFINE_TOLERANCE, rtol=0):
         diff = float(np.max(np.abs(affine - ref_affine)))
         raise CMFLError(path, f"affine differs from {os.path.basename(ref_path)} by up to {diff:.4g}")
+
+
+def read_json(path: str) -> dict | None:
+    """The JSON object in ``path``, or None when it is missing or unreadable (a marker or meta not written yet)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
 
 
 @contextlib.contextmanager

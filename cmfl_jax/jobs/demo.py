@@ -28,7 +28,7 @@ from cmfl_jax import checkpoints, runtime
 from cmfl_jax.config_defaults import model_config
 from cmfl_jax.data import splits
 from cmfl_jax.data.dataset import resolve_root, split_of
-from cmfl_jax.data.io import atomic_path
+from cmfl_jax.data.io import atomic_path, read_json
 from cmfl_jax.data.subject import Subject
 from cmfl_jax.errors import CMFLError
 from cmfl_jax.jobs import PIPELINE, job_module
@@ -112,14 +112,6 @@ def _write_json(path: str, text: str) -> None:
         f.write(text + "\n")
 
 
-def _read_marker(stage_dir: str) -> dict | None:
-    try:
-        with open(os.path.join(stage_dir, MARKER)) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
 def run_stages(stages: dict[str, ml_collections.ConfigDict], workdir: str, split: str = ""
                ) -> dict[str, dict] | None:
     """Run (or reuse) the stages in order; ``{stage: {"seconds", "reused"}}``, or None if training was stopped.
@@ -131,7 +123,7 @@ def run_stages(stages: dict[str, ml_collections.ConfigDict], workdir: str, split
     for name in STAGES:
         stage_dir = os.path.join(workdir, name)
         key = stages[name].to_json_best_effort(sort_keys=True)
-        marker = _read_marker(stage_dir)
+        marker = read_json(os.path.join(stage_dir, MARKER))
         if not upstream_ran and marker is not None and marker.get("config") == key and marker.get("split") == split:
             logging.info("demo: %s finished before with this config, reused (%s)", name, stage_dir)
             report[name] = {"seconds": marker.get("seconds", 0.0), "reused": True}
