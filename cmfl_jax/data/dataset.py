@@ -14,6 +14,7 @@ from cmfl_jax.data.cache import (
     default_cache_dir,
     estimate_line,
     preprocessed_dir,
+    storage_for,
 )
 from cmfl_jax.data.layouts import discover
 from cmfl_jax.data.splits import apply_split
@@ -51,10 +52,11 @@ def load_entries(data: ml_collections.ConfigDict, announce: Callable[[str], None
     """
     root = resolve_root(data)
     subjects = discover(root, require_labels=data.require_labels)
-    folder = preprocessed_dir(data.cache_dir or None)
+    folder, storage = preprocessed_dir(data.cache_dir or None), cache_storage(data)
     if announce is not None and subjects:
-        announce(estimate_line(cache_subject(subjects[0], folder, data.normalization), len(subjects), folder))
-    return build_cache(subjects, folder, data.normalization)
+        announce(estimate_line(cache_subject(subjects[0], folder, data.normalization, storage), len(subjects),
+                               folder))
+    return build_cache(subjects, folder, data.normalization, storage=storage)
 
 
 def split_of(data: ml_collections.ConfigDict) -> tuple[list[Subject], list[Subject]]:
@@ -65,4 +67,10 @@ def split_of(data: ml_collections.ConfigDict) -> tuple[list[Subject], list[Subje
 
 def cache_subjects(data: ml_collections.ConfigDict, subjects: list[Subject]) -> list[CachedSubject]:
     """Validate and cache ``subjects`` of the configured root (cached entries are reused)."""
-    return build_cache(subjects, preprocessed_dir(data.cache_dir or None), data.normalization)
+    return build_cache(subjects, preprocessed_dir(data.cache_dir or None), data.normalization,
+                       storage=cache_storage(data))
+
+
+def cache_storage(data: ml_collections.ConfigDict) -> str:
+    """The storage of ``data.cache_storage`` ("auto" when the config has none)."""
+    return storage_for(data.get("cache_storage", "auto"), data.normalization)

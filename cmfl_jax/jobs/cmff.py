@@ -8,11 +8,11 @@ keeping the best model in ``best/`` and the last in ``final/`` with the whole fo
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 from absl import logging
 
@@ -22,7 +22,7 @@ from cmfl_jax.data.pairs import pair_channels
 from cmfl_jax.data.splits import split_settings
 from cmfl_jax.training.cmff_step import create_state, make_train_step
 from cmfl_jax.training.cmft_init import INIT_SOURCES, check_init_mode, cmft_checkpoint
-from cmfl_jax.training.loop import Phase, fit, training_patches
+from cmfl_jax.training.loop import Phase, device_batch, fit, training_patches
 from cmfl_jax.training.validation import Validator
 
 
@@ -68,9 +68,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         del batch
         return validator(step, states) if validator.due(step) else None
 
-    phase = Phase("cmff", states, make_train_step(config), to_batch=lambda b: {"image": jnp.asarray(b["image"]),
-                                                                              "label": jnp.asarray(b["label"])},
-                  on_step=on_step)
+    phase = Phase("cmff", states, make_train_step(config),
+                  to_batch=functools.partial(device_batch, keys=("image", "label")), on_step=on_step)
     try:
         states, step = fit(phase, dataset, config.train, workdir, config.seed)
     finally:
