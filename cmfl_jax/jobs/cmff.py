@@ -20,6 +20,7 @@ from cmfl_jax import checkpoints, sharding
 from cmfl_jax.data.dataset import cache_subjects, split_of
 from cmfl_jax.data.pairs import pair_channels
 from cmfl_jax.data.splits import split_settings
+from cmfl_jax.label_classes import check_output
 from cmfl_jax.training.cmff_step import create_state, make_train_step
 from cmfl_jax.training.cmft_init import INIT_SOURCES, check_init_mode, cmft_checkpoint
 from cmfl_jax.training.loop import Phase, device_batch, fit, training_patches
@@ -52,6 +53,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     sharding.initialize_distributed(config)
     pair_channels(config.data.pairing)  # fail early on a bad pairing
     check_init_mode(config)
+    check_output(config.model.get("output", "classes"))  # fail early on a bad output kind
     if config.train.fresh and sharding.is_primary():
         for sub in ("best", "final"):  # fit() removes checkpoints/; a fresh run keeps no best or final either
             shutil.rmtree(os.path.join(workdir, sub), ignore_errors=True)
