@@ -25,7 +25,8 @@ def data_config() -> ml_collections.ConfigDict:
             "cache_storage": "auto",
             "normalization": "zscore_brain",  # or "none"
             "require_labels": True,
-            "synthetic": {"n": 10, "shape": (240, 240, 155), "layout": "brats2018", "seed": 0},
+            # lgg_fraction: share of LGG-like subjects (no enhancing tumour)
+            "synthetic": {"n": 10, "shape": (240, 240, 155), "layout": "brats2018", "seed": 0, "lgg_fraction": 0.25},
             "patch_size": (128, 128, 128),
             "tumour_prob": 1.0,  # probability that a patch centre is a tumour voxel (1.0: the paper)
             "flip": False,

@@ -17,6 +17,7 @@ from cmfl_jax.data.cache import (
     storage_for,
 )
 from cmfl_jax.data.layouts import discover
+from cmfl_jax.data.phantom import LGG_FRACTION
 from cmfl_jax.data.splits import apply_split
 from cmfl_jax.data.subject import Subject
 
@@ -25,13 +26,16 @@ def synthetic_root(data: ml_collections.ConfigDict) -> str:
     """Folder of the built-in synthetic data set for this config, generated on first use."""
     syn = data.synthetic
     shape = tuple(int(s) for s in syn.shape)
+    lgg_fraction = float(syn.get("lgg_fraction", LGG_FRACTION))
     name = f"{syn.layout}-n{syn.n}-{'x'.join(map(str, shape))}-seed{syn.seed}"
+    name += f"-lgg{lgg_fraction:g}" if lgg_fraction != LGG_FRACTION else ""  # the default keeps its old name
     folder = os.path.join(data.cache_dir or default_cache_dir(), "synthetic", name)
     marker = os.path.join(folder, ".complete")
     if not os.path.exists(marker):
         from cmfl_jax.data.phantom import write_dataset  # heavy (nilearn): only when generating
 
-        write_dataset(folder, int(syn.n), layout=syn.layout, shape=shape, seed=int(syn.seed))
+        write_dataset(folder, int(syn.n), layout=syn.layout, shape=shape, seed=int(syn.seed),
+                      lgg_fraction=lgg_fraction)
         with open(marker, "w") as f:
             f.write("written by cmfl_jax.data.phantom.write_dataset\n")
     return folder
