@@ -11,6 +11,7 @@ W/split.json`` uses the ids of a split written by ``configs/split.py``. Validati
 the first ``val.max_subjects`` (20) held-out ids, at the last step on the whole fold (``val.full_at_end``).
 Ablations are config values: ``--config.model.branches=A|B|A+B|fusion`` and ``--config.model.attention=
 mask|cbam|none`` (Table 2), ``--config.init.mode=cmft|random|self`` and ``--config.data.pairing`` (Table 4).
+Data augmentation (not in the paper, off by default): ``--config.data.augment.preset=nnunet`` (docs/data.md).
 """
 
 import ml_collections
