@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from cmfl_jax.config_defaults import data_config
-from cmfl_jax.data.augment import PRESETS, Augment, affine_matrix, apply_voxelwise, resolve_augment
+from cmfl_jax.data.augment import PRESETS, Augment, affine_matrix, apply_voxelwise, resolve_augment, turned_patch
 from cmfl_jax.data.cache import build_cache
 from cmfl_jax.data.layouts import discover
 from cmfl_jax.data.pipeline import PatchSampler, crop_centered, patch_dataset
@@ -155,6 +155,17 @@ def test_scaling_two_fold_magnifies_about_the_centre():
     label = tiny_label()
     got = turned(label, (0, 0, 0), scale=2.0, size=(5, 5, 5))
     np.testing.assert_array_equal(got[::2, ::2, ::2], crop_centered(label, (10, 11, 12), (3, 3, 3)))
+
+
+@pytest.mark.parametrize("order", [0, 1, 3])
+def test_a_turned_patch_at_the_edge_reads_zeros_beyond_the_volume(order):
+    """Only the part of the volume the patch touches is read; beyond the edge it is as if zero-padded."""
+    volume = np.random.default_rng(2).normal(size=(12, 14, 16, 2)).astype(np.float32) + 3
+    matrix = affine_matrix((20, -35, 50), 0.8)
+    got = turned_patch(volume, (1, 12, 8), matrix, (10, 10, 10), order)
+    padded = turned_patch(np.pad(volume, [(30, 30)] * 3 + [(0, 0)]), (31, 42, 38), matrix, (10, 10, 10), order)
+    np.testing.assert_allclose(got, padded, atol=1e-5)
+    assert np.abs(got).min() < 1e-3 and np.abs(got).max() > 1  # the patch reaches beyond the volume
 
 
 def test_turned_patches_keep_shapes_dtypes_and_label_values(subjects):

@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 import grain
 import numpy as np
 
-from cmfl_jax.data.augment import apply_voxelwise, resample, resolve_augment, window_size
+from cmfl_jax.data.augment import apply_voxelwise, resolve_augment, turned_patch
 from cmfl_jax.data.cached_subject import CachedSubject
 from cmfl_jax.errors import CMFLError
 
@@ -66,8 +66,7 @@ class PatchSampler(grain.transforms.RandomMap):
         """The patch of ``volume`` at ``centre``; with ``matrix``, turned around it (a window resampled)."""
         if matrix is None:
             return crop_centered(volume, centre, self.patch_size)
-        window = crop_centered(volume, centre, window_size(matrix, self.patch_size))
-        return resample(window, matrix, self.patch_size, order)
+        return turned_patch(volume, centre, matrix, self.patch_size, order)
 
     def random_map(self, element: tuple[int, CachedSubject], rng: np.random.Generator) -> dict:
         index, entry = element
