@@ -208,3 +208,14 @@ def test_bad_settings_name_their_key(subjects, key, value):
     with pytest.raises(CMFLError) as e:
         patch_dataset(subjects, (8, 8, 8), seed=0, augment={"preset": "nnunet", key: value})
     assert e.value.where == f"config.data.augment.{key}"
+
+
+def test_a_worker_process_gives_the_same_augmented_patches(subjects):
+    """The sampler and its settings travel to grain's worker processes (pickled) and draw the same numbers."""
+    expected = take(patch_dataset(subjects, (8, 8, 8), seed=7, augment=HALF_ON), 3)
+    it = iter(patch_dataset(subjects, (8, 8, 8), seed=7, num_workers=1, augment=HALF_ON))
+    try:
+        got = take(it, 3)
+    finally:
+        it.close() if hasattr(it, "close") else None
+    assert_same_batches(expected, got)
