@@ -113,11 +113,11 @@ def resolve_augment(config: Mapping | None, flip: bool = False) -> Augment:
     settled = {}
     for name, value in values.items():
         value = base.get(name, fields[name].default) if value is None else value
-        settled[name] = check(name, value, fields[name].default)
+        settled[name] = _check(name, value, fields[name].default)
     return Augment(**{**base, **settled})
 
 
-def check(name: str, value, default):
+def _check(name: str, value: object, default: object) -> object:
     """``value`` of key ``name`` as the type of its default, or a CMFLError naming the key."""
     where = f"{KEY}.{name}"
     if isinstance(default, tuple):
@@ -126,7 +126,7 @@ def check(name: str, value, default):
         except (TypeError, ValueError):
             raise CMFLError(where, f"must be two numbers (low, high), got {value!r}") from None
         floor = LOWEST.get(name, 0.0)  # strictly above 0 for the scales and gamma
-        if not (floor <= lo <= hi < math.inf and (name in LOWEST or lo > 0)):
+        if not (math.isfinite(lo) and math.isfinite(hi) and floor <= lo <= hi and (name in LOWEST or lo > 0)):
             kind = "finite" if floor == -math.inf else "non-negative" if name in LOWEST else "positive"
             raise CMFLError(where, f"must be {kind} numbers with low <= high, got {tuple(value)!r}")
         return lo, hi
