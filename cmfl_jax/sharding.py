@@ -24,6 +24,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from cmfl_jax.compiler_options import compiler_options
 from cmfl_jax.errors import CMFLError
 
 DATA_AXIS = "data"
@@ -137,13 +138,15 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
     return jax.make_array_from_process_local_data(batch_sharded(mesh), batch)
 
 
-def jit_train_step(step: Callable, mesh: Mesh | None = None) -> Callable:
+def jit_train_step(step: Callable, mesh: Mesh | None = None, options: str | None = None) -> Callable:
     """``jax.jit`` of a ``(states, batch, rng) -> (states, metrics)`` step: states replicated and donated, batch
     split over ``data``, rng replicated; new states and metrics replicated. Default mesh: :func:`make_mesh`.
+    ``options``: the step's entry in :data:`cmfl_jax.compiler_options.CPU_OPTIONS` (XLA options on the CPU).
     """
     mesh = make_mesh() if mesh is None else mesh
     rep = replicated(mesh)
-    return jax.jit(step, in_shardings=(rep, batch_sharded(mesh), rep), out_shardings=rep, donate_argnums=(0,))
+    return jax.jit(step, in_shardings=(rep, batch_sharded(mesh), rep), out_shardings=rep, donate_argnums=(0,),
+                   compiler_options=compiler_options(options) if options else None)
 
 
 def host_batch_size(per_device: int) -> int:

@@ -134,8 +134,9 @@ def random_unet_params(model: Any, seed: int, noise: float = 0.0) -> Any:
     return jax.tree_util.tree_map_with_path(perturb, params)
 
 
-def run_jax_unet(case: dict[str, Any]) -> dict[str, Any]:
-    """JAX ``UNet3D`` train step and forward for one (size, conv_impl, dtype)."""
+def unet_functions(case: dict[str, Any]) -> tuple[Any, Any, Any, Any, Any]:
+    """The U-Net of ``case`` (size, base, depth, impl, dtype, seed): (train state, x, y, train step, forward), the
+    two functions not yet jitted. Shared with ``experiments/xla_options.py``."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -145,15 +146,12 @@ def run_jax_unet(case: dict[str, Any]) -> dict[str, Any]:
     from cmfl_jax.models import UNet3D
     from cmfl_jax.models.builder import DTYPES
 
-    jax.devices()  # bring the backend up before the baseline
-    baseline = current_rss_mib()
-    size, depth = case["size"], case["depth"]
-    model = UNet3D(NUM_CLASSES, base=case["base"], depth=depth, conv_impl=case["impl"], dtype=DTYPES[case["dtype"]])
+    model = UNet3D(NUM_CLASSES, base=case["base"], depth=case["depth"], conv_impl=case["impl"],
+                   dtype=DTYPES[case["dtype"]])
     params = random_unet_params(model, case["seed"])
     state = jax.jit(lambda p: train_state.TrainState.create(apply_fn=model.apply, params=p,
                                                             tx=optax.adam(LEARNING_RATE)))(params)
-    num_params = sum(leaf.size for leaf in jax.tree.leaves(state.params))
-    x, y = (jnp.asarray(a) for a in unet_inputs(size, case["seed"]))
+    x, y = (jnp.asarray(a) for a in unet_inputs(case["size"], case["seed"]))
 
     def train_step(state, x, y):
         def loss_fn(params):
@@ -166,11 +164,28 @@ def run_jax_unet(case: dict[str, Any]) -> dict[str, Any]:
     def forward(params, x):
         return model.apply({"params": params}, x)[0]
 
+    return state, x, y, train_step, forward
+
+
+def run_jax_unet(case: dict[str, Any]) -> dict[str, Any]:
+    """JAX ``UNet3D`` train step and forward for one (size, conv_impl, dtype); the train step with the CPU's
+    ``unet_step`` compiler options (:mod:`cmfl_jax.compiler_options`), as the CMFF step has its own."""
+    import jax
+
+    from cmfl_jax.compiler_options import compiler_options
+
+    jax.devices()  # bring the backend up before the baseline
+    baseline = current_rss_mib()
+    size = case["size"]
+    state, x, y, train_step, forward = unet_functions(case)
+    num_params = sum(leaf.size for leaf in jax.tree.leaves(state.params))
+
     t0 = time.perf_counter()
-    train_compiled = jax.jit(train_step, donate_argnums=0).lower(state, x, y).compile()
+    train_compiled = jax.jit(train_step, donate_argnums=0, compiler_options=compiler_options("unet_step")
+                             ).lower(state, x, y).compile()
     compile_train = time.perf_counter() - t0
     t0 = time.perf_counter()
-    forward_compiled = jax.jit(forward).lower(state.params, x).compile()
+    forward_compiled = jax.jit(forward, compiler_options=compiler_options("window")).lower(state.params, x).compile()
     compile_forward = time.perf_counter() - t0
     rss_after_compile = peak_rss_mib()
 
@@ -272,6 +287,7 @@ def run_jax_volume(case: dict[str, Any]) -> dict[str, Any]:
     import jax
     import jax.numpy as jnp
 
+    from cmfl_jax.compiler_options import compiler_options
     from cmfl_jax.inference.sliding_window import mirrored, sliding_window
     from cmfl_jax.models import UNet3D
 
@@ -282,7 +298,7 @@ def run_jax_volume(case: dict[str, Any]) -> dict[str, Any]:
     def probs(params, x):
         return jax.nn.softmax(model.apply({"params": params}, x)[0], axis=-1)
 
-    plain = jax.jit(probs)
+    plain = jax.jit(probs, compiler_options=compiler_options("window"))
     fn = (lambda p, x: mirrored(lambda y: plain(p, y))(x)) if case["mirror"] else plain
     image = volume_input(case["seed"])
     window = (VOLUME_WINDOW,) * 3
