@@ -9,8 +9,8 @@ by sliding windows (:func:`cmfl_jax.inference.sliding_window`), set to backgroun
 as ``<subject_id>.nii.gz`` with the input's affine and header in the dataset's own label convention (ET = 4, or 3
 for BraTS 2023+), atomically. Several models (``config.model_dir`` a comma-separated list, or a CV workdir for its
 folds' CMFF runs) predict as one ensemble: the mean of their probabilities (:mod:`cmfl_jax.inference.ensemble`),
-post-processed with the CV run's pooled tuned threshold. A re-run skips the subjects whose outputs are all there (resumable; ``overwrite``
-redoes them).
+post-processed with the CV run's pooled tuned threshold. A re-run skips the subjects whose outputs are all there
+(resumable; ``overwrite`` redoes them).
 """
 
 from __future__ import annotations
@@ -130,12 +130,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     tuned = _tuned_et_threshold(config, dirs, cv)
     et_min = resolve_et_threshold(config.postprocess.et_min_mm3, tuned)
     wt_min = float(config.postprocess.wt_min_mm3)
-    how = ("off" if et_min == 0 else "config.postprocess" if config.postprocess.et_min_mm3 >= 0
+    how = ("config.postprocess" if config.postprocess.et_min_mm3 >= 0
            else "the default, no tuned value for these models" if tuned is None
            else "tuned on the CV run's pooled out-of-fold predictions" if cv is not None
            else "tuned on the validation fold")
-    logging.info("predict: post-processing: enhancing tumour under %g mm³ becomes NCR/NET (%s); whole-tumour "
-                 "components under %g mm³ removed", et_min, how, wt_min)
+    logging.info("predict: post-processing: enhancing tumour under %g mm³ becomes NCR/NET (%s%s); whole-tumour "
+                 "components under %g mm³ removed", et_min, "off: " if et_min == 0 else "", how, wt_min)
     model_time = max(_mtime(source) for source in getattr(predictor, "sources", [predictor.source]))
     todo = [s for s in subjects
             if config.overwrite or not _up_to_date(_outputs(out_dir, s, config.save_probabilities), s, model_time)]
