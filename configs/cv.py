@@ -18,8 +18,8 @@ Variants: the default (CPU-sized: the demo's default sizes and steps, 5 folds of
 
 from __future__ import annotations
 
-import importlib.util
 import os
+import runpy
 
 import ml_collections
 
@@ -28,11 +28,8 @@ NOT_STAGES = ("predict", "evaluate", "export")  # the demo's stages after traini
 
 
 def _demo_config(arg: str | None) -> ml_collections.ConfigDict:
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.py")
-    spec = importlib.util.spec_from_file_location("_cmfl_config_demo", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    """``get_config(arg)`` of the sibling ``configs/demo.py`` (configs/ is a folder of files, not a package)."""
+    return runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.py"))["get_config"](arg)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -47,11 +44,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.oof = ml_collections.ConfigDict({"overlap": 0.5, "batch_size": 1, "mirror": False})
     if variant == "smoke":
         config.data.split.folds = 2  # 4 subjects: 2 held out per fold
-        config.cmft.train.steps = 4
-        config.cmft.train.save_every = 4
-        config.cmft.train.preview_every = 0
-        config.cmff.train.steps = 4
-        config.cmff.train.save_every = 4
-        config.cmff.train.preview_every = 0
+        for phase in ("cmft", "cmff"):  # every step a few seconds of CPU; tracing the steps is most of a fold
+            config[phase].train.update(steps=4, save_every=4, preview_every=0)
         config.cmff.val.every = 4  # one validation, at the last step
     return config
