@@ -17,7 +17,9 @@ Which function is which equation:
 - ``self_reconstruction_generator_loss``: the Ours_self variant of Eq. 6 (L1 self-reconstruction for Eq. 4).
 - ``cmft_discriminator_loss``: the discriminators' side of Eq. 5, Eq. 2 + Eq. 3 on stop-gradient fakes.
 - ``soft_dice_loss``: Eq. 8.
-- ``cmff_segmentation_loss``: Eq. 7 (+ optional cross-entropy).
+- ``region_dice_loss``: Eq. 8 over the BraTS regions WT, TC, ET (``config.model.output="regions"``, not in the
+  paper: nnU-Net's region-based BraTS training).
+- ``cmff_segmentation_loss``: Eq. 7 (+ optional cross-entropy), over classes or regions.
 
 The CMFT functions take the generators and discriminators as callables ``x -> y`` (e.g. a
 ``functools.partial`` of a Flax ``apply``), so they know nothing of Flax.
@@ -119,19 +121,37 @@ def soft_dice_loss(probs: jax.Array, target_onehot: jax.Array, eps: float = 1e-5
     return 1.0 - jnp.mean(dice)
 
 
-def cmff_segmentation_loss(logits: dict, target_onehot: jax.Array, ce_weight: float = 0.0
+def region_dice_loss(probs: jax.Array, target_regions: jax.Array, eps: float = 1e-5) -> jax.Array:
+    """Soft Dice loss over the BraTS regions (nnU-Net's region-based BraTS training; Eq. 8 per region).
+
+    ``1 - mean_r 2|Y_r P_r| / (|Y_r| + |P_r|)`` for r in WT = {1, 2, 4}, TC = {1, 4}, ET = {4}: ``probs`` are
+    the ``(N, D, H, W, 3)`` sigmoid probabilities of the overlapping regions, ``target_regions`` their 0/1 masks
+    (:func:`cmfl_jax.label_classes.labels_to_regions`); sums over the batch and voxels, mean over the regions.
+    """
+    return soft_dice_loss(probs, target_regions, eps)
+
+
+def cmff_segmentation_loss(logits: dict, target: jax.Array, ce_weight: float = 0.0, output: str = "classes"
                            ) -> tuple[jax.Array, dict]:
     """Eq. 7: the sum over the branches S_A, S_B, S_F that ran of Eq. 8 [+ ``ce_weight`` x cross-entropy].
 
     ``logits`` is the CMFF model's output dict (``logits_a``, ``logits_b``, ``logits_f``; a branch that did
-    not run is ``None`` and is skipped). Returns ``(total, terms)`` with ``dice_loss_{k}`` [and ``ce_{k}``].
+    not run is ``None`` and is skipped). ``output="classes"``: ``target`` is one-hot, Eq. 8 on the softmax,
+    softmax cross-entropy; ``"regions"``: ``target`` holds the WT, TC, ET masks, :func:`region_dice_loss` on
+    the sigmoids, binary cross-entropy per region. Returns ``(total, terms)`` with ``dice_loss_{k}`` [and
+    ``ce_{k}``].
     """
+    regions = output == "regions"
     terms = {}
     for k in ("a", "b", "f"):
         branch = logits[f"logits_{k}"]
         if branch is None:
             continue
-        terms[f"dice_loss_{k}"] = soft_dice_loss(jax.nn.softmax(branch), target_onehot)
+        if regions:
+            terms[f"dice_loss_{k}"] = region_dice_loss(jax.nn.sigmoid(branch), target)
+        else:
+            terms[f"dice_loss_{k}"] = soft_dice_loss(jax.nn.softmax(branch), target)
         if ce_weight:
-            terms[f"ce_{k}"] = ce_weight * jnp.mean(optax.softmax_cross_entropy(branch, target_onehot))
+            ce = optax.sigmoid_binary_cross_entropy if regions else optax.softmax_cross_entropy
+            terms[f"ce_{k}"] = ce_weight * jnp.mean(ce(branch, target))
     return sum(terms.values()), terms

@@ -10,7 +10,8 @@ way: it trained on all of BraTS and scored on the challenge's validation set); `
 W/split.json`` uses the ids of a split written by ``configs/split.py``. Validation: every ``val.every`` steps on
 the first ``val.max_subjects`` (20) held-out ids, at the last step on the whole fold (``val.full_at_end``).
 Ablations are config values: ``--config.model.branches=A|B|A+B|fusion`` and ``--config.model.attention=
-mask|cbam|none`` (Table 2), ``--config.init.mode=cmft|random|self`` and ``--config.data.pairing`` (Table 4).
+mask|cbam|none`` (Table 2), ``--config.init.mode=cmft|random|self`` and ``--config.data.pairing`` (Table 4);
+``--config.model.output=regions`` trains WT/TC/ET sigmoid heads with a region Dice (docs/method.md).
 """
 
 import ml_collections
@@ -34,6 +35,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model = model_config()
     config.model.branches = "fusion"  # "fusion" (Ours) | "A" | "B" | "A+B" (Table 2)
     config.model.attention = "mask"  # "mask" (mask-guided, Ours) | "cbam" (w CA) | "none" (w/o MG)
+    config.model.output = "classes"  # "classes" (4-class softmax, the paper) | "regions" (WT/TC/ET sigmoids)
     config.train = train_config(steps=20000)
     config.init = ml_collections.ConfigDict(
         {

@@ -254,6 +254,7 @@ def write_report(out: str, results: dict[str, dict[str, dict]], settings: dict) 
         f"U-Net base {settings['base']}, depth {settings['depth']}, {settings['patch']} patches; CMFT "
         f"{settings['cmft_steps']} steps, CMFF {settings['steps']} steps; seed(s) {', '.join(map(str, seeds))}"
         + (" (mean ± std over seeds)." if len(seeds) > 1 else "."),
+        f"Recipe (not the paper's): {settings['recipe']}.",
         f"Command: `{settings['command']}` ({settings['minutes']:.0f} min of training on 2 CPU cores).",
         "",
         "Paper figures: Dice on the BraTS 2018 (Table 4) and BraTS 2017 (Table 2) validation sets, for "
@@ -300,10 +301,21 @@ def run_ablations(size: str, steps: int, cmft_steps: int, seeds: list[int], out:
                              f"{'x'.join(map(str, c.data.synthetic.shape))}",
         "n_train": len(train), "n_held_out": len(held_out), "held_out": [s.subject_id for s in held_out],
         "base": c.model.base, "depth": c.model.depth, "patch": "x".join(map(str, c.data.patch_size)) + "",
+        "recipe": recipe(stages),
         "command": command, "runs": runs, "minutes": sum(r["seconds"] or 0.0 for r in runs.values()) / 60,
         "minutes_this_invocation": (time.perf_counter() - start) / 60,
     }
     return write_report(out, results, settings)
+
+
+def recipe(stages: dict) -> str:
+    """The training recipe every variant shares, in words: what differs from the paper's (Adam 1e-4, Dice only,
+    patches centred in the tumour)."""
+    cmff, cmft = stages["cmff"], stages["cmft"]
+    loss = "Dice" + (f" + {cmff.cmff.ce_weight:g} x cross-entropy" if cmff.cmff.ce_weight else "")
+    return (f"CMFF Adam lr {cmff.cmff.lr:g}, {loss} per branch; CMFT Adam lr {cmft.cmft.g_lr:g} (generators), "
+            f"{cmft.cmft.d_lr:g} (discriminators); patch centres in the tumour with probability "
+            f"{cmff.data.tumour_prob:g} (else anywhere in the brain)")
 
 
 def _setup() -> None:

@@ -17,9 +17,11 @@ format below and measures:
 * the largest difference of a patch from the uncropped float32 one (0: bit for bit).
 
 Formats: ``float32 npy, uncropped`` (format 1 of the cache, the reference), ``float32 npy, cropped``
-(``storage="npy"``), ``float16 npy, cropped`` (cast to float32 on read), ``float32 blosc2, cropped``
-(lossless; ``storage="blosc2"``, the cache's default, with and without byte shuffle) and ``float16 blosc2,
-cropped``. The cache's own formats are built by ``cmfl_jax.data.cache.cache_subject``, the others here.
+(``storage="npy"``), ``float16 npy, cropped`` (``storage="float16"``, the cache's default: the image a float16
+memory map read as it is stored, the label in blosc2 chunks; the steps cast on the device), ``float16 npy
+cast on read`` (the same files cast to float32 in numpy, as before the steps did it), ``float32 blosc2, cropped``
+(lossless; ``storage="blosc2"``, with and without byte shuffle) and ``float16 blosc2, cropped``. The cache's own
+formats are built by ``cmfl_jax.data.cache.cache_subject``, the others here.
 
     .venv/bin/python -m experiments.cache_benchmark --data /tmp/cache_bench/data [--n 12] [--patches 100]
         [--work /tmp/cache_bench/work] [--out experiments/results/cache_benchmark.json]
@@ -53,28 +55,33 @@ from cmfl_jax.data.preprocess import preprocess_images  # noqa: E402
 
 SHAPE = (240, 240, 155)
 DEFAULT_OUT = os.path.join("experiments", "results", "cache_benchmark.json")
-# name -> (storage, image dtype, cropped, blosc2 byte shuffle)
+# name -> (storage, image dtype, cropped, blosc2 byte shuffle, read as stored)
 FORMATS = {
-    "float32 npy, uncropped (format 1)": ("npy", np.float32, False, None),
-    "float32 npy, cropped": ("npy", np.float32, True, None),
-    "float16 npy, cropped": ("npy", np.float16, True, None),
-    "float32 blosc2, cropped": ("blosc2", np.float32, True, True),
-    "float32 blosc2 no shuffle, cropped": ("blosc2", np.float32, True, False),
-    "float16 blosc2, cropped": ("blosc2", np.float16, True, True),
+    "float32 npy, uncropped (format 1)": ("npy", np.float32, False, None, False),
+    "float32 npy, cropped": ("npy", np.float32, True, None, False),
+    "float16 npy, cropped": ("float16", np.float16, True, None, True),
+    "float16 npy, cropped, cast on read": ("float16", np.float16, True, None, False),
+    "float32 blosc2, cropped": ("blosc2", np.float32, True, True, False),
+    "float32 blosc2 no shuffle, cropped": ("blosc2", np.float32, True, False, False),
+    "float16 blosc2, cropped": ("blosc2", np.float16, True, True, True),
 }
 
 
 class Entry:
-    """What the benchmark needs of an entry in any format: its folder, storage, crop offset."""
+    """What the benchmark needs of an entry in any format: its folder, storage, crop offset, the image's read dtype."""
 
-    def __init__(self, path: str, storage: str, offset):
+    def __init__(self, path: str, storage: str, offset, as_stored: bool):
         self.path, self.storage, self.offset = path, storage, np.asarray(offset)
+        self.dtype = None if as_stored else np.float32
+
+    def _path(self, name: str) -> str:
+        return os.path.join(self.path, name + cs.FILES[self.storage][name][0])
 
     def image(self):
-        return cs.open_array(os.path.join(self.path, "image" + cs.EXTENSIONS[self.storage]), np.float32)
+        return cs.open_array(self._path("image"), self.dtype)
 
     def label(self):
-        return cs.open_array(os.path.join(self.path, "label" + cs.EXTENSIONS[self.storage]), np.uint8)
+        return cs.open_array(self._path("label"), np.uint8)
 
     def files(self) -> list[str]:
         return [os.path.join(self.path, f) for f in os.listdir(self.path)]
@@ -82,26 +89,30 @@ class Entry:
 
 def is_native(storage: str, dtype, cropped: bool, shuffle: bool | None) -> bool:
     """Whether ``cmfl_jax.data.cache`` writes this format itself."""
-    return cropped and dtype == np.float32 and (storage == "npy" or shuffle == cs.BLOSC2_SHUFFLE)
+    return cropped and (storage == "float16" or (dtype == np.float32 and (storage == "npy" or
+                                                                          shuffle == cs.BLOSC2_SHUFFLE)))
 
 
-def build_other(subject, folder: str, storage: str, dtype, cropped: bool, shuffle: bool | None) -> Entry:
-    """An entry in a format the cache does not write (format 1, a float16 image...), laid out as the cache's."""
+def build_other(subject, folder: str, storage: str, dtype, cropped: bool, shuffle: bool | None,
+                as_stored: bool) -> Entry:
+    """An entry in a format the cache does not write (format 1, a float16 blosc2 image...), laid out as the cache's."""
     loaded = load_subject(subject)
     image = np.moveaxis(preprocess_images(loaded.images), 0, -1)
     keep = np.any(loaded.images != 0, axis=0) | (loaded.label > 0)
     box = cache.crop_box(keep) if cropped else [[0, n] for n in keep.shape]
     window = tuple(slice(lo, hi) for lo, hi in box)
     os.makedirs(folder)
-    cs.write_array(os.path.join(folder, "image"), np.ascontiguousarray(image[window]).astype(dtype, copy=False),
-                      storage, cs.BLOSC2_CHUNKS["image"], shuffle)
+    image = np.ascontiguousarray(image[window]).astype(dtype, copy=False)
+    cs.write_array(os.path.join(folder, "image" + cs.FILES[storage]["image"][0]), image, cs.BLOSC2_CHUNKS["image"],
+                   shuffle)
     label = np.ascontiguousarray(loaded.label[window])
-    cs.write_array(os.path.join(folder, "label"), label, storage, cs.BLOSC2_CHUNKS["label"], shuffle)
+    cs.write_array(os.path.join(folder, "label" + cs.FILES[storage]["label"][0]), label, cs.BLOSC2_CHUNKS["label"],
+                   shuffle)
     np.save(os.path.join(folder, "tumour_index.npy"),
             np.flatnonzero(label > 0).astype(np.int32 if cropped else np.int64))
     with open(os.path.join(folder, "meta.json"), "w") as f:
         json.dump({"crop_offset": [lo for lo, _ in box], "shape": [hi - lo for lo, hi in box]}, f)
-    return Entry(folder, storage, [lo for lo, _ in box])
+    return Entry(folder, storage, [lo for lo, _ in box], as_stored)
 
 
 def drop_from_page_cache(paths: list[str]) -> None:
@@ -150,21 +161,21 @@ def measure(args: argparse.Namespace, subjects, work: str) -> dict[str, dict]:
     entries: dict[str, list[Entry]] = {}
     rows: dict[str, dict] = {}
     for name in args.formats:
-        storage, dtype, cropped, shuffle = FORMATS[name]
+        storage, dtype, cropped, shuffle, as_stored = FORMATS[name]
         folder = os.path.join(work, name.split(" (")[0].replace(", ", "-").replace(" ", "-"))
         shutil.rmtree(folder, ignore_errors=True)
         native = is_native(storage, dtype, cropped, shuffle)
         t0 = time.perf_counter()
         if native:
             built = [cache.cache_subject(s, folder, storage=storage) for s in subjects]
-            entries[name] = [Entry(e.path, storage, e.meta["crop_offset"]) for e in built]
+            entries[name] = [Entry(e.path, storage, e.meta["crop_offset"], as_stored) for e in built]
         else:
-            entries[name] = [build_other(s, os.path.join(folder, s.subject_id), storage, dtype, cropped, shuffle)
-                             for s in subjects]
+            entries[name] = [build_other(s, os.path.join(folder, s.subject_id), storage, dtype, cropped, shuffle,
+                                         as_stored) for s in subjects]
         build_s = (time.perf_counter() - t0) / len(subjects)
         nbytes = [sum(os.path.getsize(f) for f in e.files()) for e in entries[name]]
         rows[name] = {"format": name, "storage": storage, "dtype": np.dtype(dtype).name, "cropped": cropped,
-                      "shuffle": shuffle, "default": native and storage == cache.DEFAULT_STORAGE,
+                      "shuffle": shuffle, "default": native and storage == cache.DEFAULT_STORAGE and as_stored,
                       "mb_per_subject": statistics.mean(nbytes) / 1e6, "mb_max": max(nbytes) / 1e6,
                       "build_s_per_subject": build_s, "warm": [], "warm_cpu": [], "cold": []}
         print(f"built {name}: {rows[name]['mb_per_subject']:.1f} MB/subject, {build_s:.2f} s/subject", flush=True)
@@ -173,8 +184,8 @@ def measure(args: argparse.Namespace, subjects, work: str) -> dict[str, dict]:
     reference = [read_patch(entries[args.formats[0]][s], c, size) for s, c in points]
     for name in args.formats:
         patches = [read_patch(entries[name][s], c, size) for s, c in points]
-        rows[name]["max_abs_diff"] = max(float(np.max(np.abs(p[0] - r[0]))) for p, r in zip(patches, reference,
-                                                                                              strict=True))
+        rows[name]["max_abs_diff"] = max(float(np.max(np.abs(p[0].astype(np.float32) - r[0])))
+                                         for p, r in zip(patches, reference, strict=True))
         rows[name]["labels_equal"] = all(np.array_equal(p[1], r[1]) for p, r in zip(patches, reference, strict=True))
         del patches
     rng = np.random.default_rng(args.seed + 1)

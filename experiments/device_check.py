@@ -264,6 +264,7 @@ def run_short_run(case: dict[str, Any]) -> dict[str, Any]:
     from cmfl_jax.data.dataset import load_entries
     from cmfl_jax.data.pipeline import patch_dataset
     from cmfl_jax.training.cmff_step import create_state, make_train_step
+    from cmfl_jax.training.loop import device_batch
 
     config = cmff_config(case)
     config.data.root = case["data_root"]
@@ -278,7 +279,7 @@ def run_short_run(case: dict[str, Any]) -> dict[str, Any]:
     patches = iter(patch_dataset(entries, d.patch_size, seed=SEED, batch_size=1, tumour_prob=d.tumour_prob))
     mesh = sharding.make_mesh(jax.devices()[:1])
     states = sharding.replicate({"seg": create_state(jax.random.key(SEED), config)}, mesh)
-    to_batch = lambda b: sharding.shard_batch({"image": b["image"], "label": b["label"]}, mesh)
+    to_batch = lambda b: sharding.shard_batch(device_batch(b, ("image", "label")), mesh)
     rng = jax.random.key(SEED)
     batch = to_batch(next(patches))
     t0 = time.perf_counter()

@@ -51,6 +51,10 @@ def test_runner_at_smoke_size(tmp_path):
     for cells in rows.values():
         assert all(0.0 <= float(c) <= 1.0 for c in cells[:4])
     assert (out / "ablations.md").read_text() == text
+    # The smoke configs' recipe (configs/cmff.py and cmft.py defaults), stated because it is not always the paper's.
+    assert ("Recipe (not the paper's): CMFF Adam lr 0.0001, Dice per branch; CMFT Adam lr 0.0001 (generators), "
+            "0.0001 (discriminators); patch centres in the tumour with probability 1 (else anywhere in the brain).") \
+        in text
     saved = json.loads((out / "ablations.json").read_text())
     assert set(saved["results"]) == {"random", "s_a", "ours"} and saved["settings"]["n_held_out"] == 1
     seed_dir = work / "smoke-cmft2-cmff4" / "seed0"

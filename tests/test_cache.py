@@ -13,7 +13,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from cmfl_jax.data.cache import CROP_MARGIN, _bbox, build_cache, cache_subject, preprocessed_dir
+from cmfl_jax.data.cache import CROP_MARGIN, _bbox, build_cache, cache_subject, preprocessed_dir, storage_for
 from cmfl_jax.data.cached_subject import CachedSubject, LazyVolume, uncrop
 from cmfl_jax.data.dataset import load_entries
 from cmfl_jax.data.io import load_subject, read_nifti, write_nifti
@@ -67,10 +67,13 @@ def test_cache_holds_preprocessed_channels_last(tmp_path):
     entry = cache_subject(subject, str(tmp_path / "cache"))
     image = entry.image()
     assert isinstance(image, LazyVolume) and image.dtype == np.float32
+    assert entry.meta["storage"] == "float16" and entry.stored_image().dtype == np.float16
     # Tiny subjects' brains reach the grid's edges (but for 2 background slices, inside the margin): no crop.
     assert image.shape == (20, 22, 24, 4) and entry.meta["crop_offset"] == [0, 0, 0]
     expected = np.moveaxis(preprocess_images(load_subject(subject).images), 0, -1)
-    np.testing.assert_array_equal(image, expected)
+    # The default storage rounds the z-scored values to float16 (nearest), and nothing else.
+    np.testing.assert_array_equal(image, expected.astype(np.float16).astype(np.float32))
+    assert 0 < np.max(np.abs(np.asarray(image) - expected)) <= 2.0**-11 * np.max(np.abs(expected))
     assert np.asarray(image).dtype == np.float32 and image[..., 0].shape == (20, 22, 24)
     np.testing.assert_array_equal(entry.label(), tiny_label())
     assert entry.meta["label_counts"] == {"0": 20 * 22 * 24 - 512, "1": 8, "2": 448, "4": 56}
@@ -78,7 +81,7 @@ def test_cache_holds_preprocessed_channels_last(tmp_path):
     assert len(entry.tumour_index()) == 512 and entry.tumour_index().dtype == np.int32
 
 
-@pytest.mark.parametrize("storage", ["blosc2", "npy"])
+@pytest.mark.parametrize("storage", ["float16", "blosc2", "npy"])
 def test_cropped_entry_uncrops_to_the_preprocessed_volume_exactly(tmp_path, storage):
     subject = write_bordered_subject(tmp_path / "data")
     entry = cache_subject(subject, str(tmp_path / "cache"), storage=storage)
@@ -87,8 +90,9 @@ def test_cropped_entry_uncrops_to_the_preprocessed_volume_exactly(tmp_path, stor
     hi = [BRAIN[0].stop + CROP_MARGIN, BRAIN[1].stop + CROP_MARGIN, 24 + CROP_MARGIN]  # axis 2: the tumour's end
     assert entry.meta["crop_offset"] == lo and entry.shape == tuple(h - o for h, o in zip(hi, lo, strict=True))
     assert entry.meta["full_shape"] == list(SHAPE)
-    # float32 storage, lossless either way: bit for bit, zeros outside the crop.
-    np.testing.assert_array_equal(uncrop(entry.image(), entry), image)
+    # float32 storage, lossless either way: bit for bit, zeros outside the crop; float16: rounded, zeros outside.
+    rounded = image.astype(np.float16).astype(np.float32) if storage == "float16" else image
+    np.testing.assert_array_equal(uncrop(entry.image(), entry), rounded)
     assert uncrop(entry.image(), entry).dtype == np.float32
     np.testing.assert_array_equal(uncrop(entry.label(), entry), label)
     shift = lambda box: [[a + o, b + o] for (a, b), o in zip(box, lo, strict=True)]
@@ -105,7 +109,7 @@ def test_cropped_entry_uncrops_to_the_preprocessed_volume_exactly(tmp_path, stor
 def test_compact_windows_equal_the_arrays(tmp_path):
     """Windows read from the compressed entry (chunk by chunk) are those of the full array, bit for bit."""
     subject = write_bordered_subject(tmp_path / "data")
-    entry = cache_subject(subject, str(tmp_path / "cache"))
+    entry = cache_subject(subject, str(tmp_path / "cache"), storage="blosc2")
     assert entry.meta["storage"] == "blosc2" and os.path.isfile(os.path.join(entry.path, "image.b2nd"))
     image, label = full_arrays(subject)
     offset = np.array(entry.meta["crop_offset"])
@@ -131,18 +135,21 @@ def format1_entry(subject, folder) -> CachedSubject:
     return CachedSubject(str(folder), meta)
 
 
-def test_training_patches_identical_to_the_uncropped_cache(tmp_path):
-    """Same seed: the same patches, bit for bit, as from uncropped entries; the centres move by the crop offset."""
+@pytest.mark.parametrize("storage", ["float16", "blosc2"])
+def test_training_patches_identical_to_the_uncropped_cache(tmp_path, storage):
+    """Same seed: the same patches as from uncropped float32 entries (bit for bit; float16: their rounding), the same
+    labels; the centres move by the crop offset."""
     subjects = [write_bordered_subject(tmp_path / "data", i) for i in range(2)]
-    cropped = [cache_subject(s, str(tmp_path / "cache")) for s in subjects]
+    cropped = [cache_subject(s, str(tmp_path / "cache"), storage=storage) for s in subjects]
     full = [format1_entry(s, tmp_path / "format1" / s.subject_id) for s in subjects]
     for patch in [(8, 8, 8), (24, 24, 24)]:
         a = patch_dataset(cropped, patch, seed=4, batch_size=2, tumour_prob=0.5, flip=True)
         b = patch_dataset(full, patch, seed=4, batch_size=2, tumour_prob=0.5, flip=True)
         for x, y, _ in zip(iter(a), iter(b), range(12), strict=False):
-            np.testing.assert_array_equal(x["image"], y["image"])
+            dtype = np.float16 if storage == "float16" else np.float32
+            assert x["image"].dtype == dtype and y["image"].dtype == np.float32
+            np.testing.assert_array_equal(x["image"], y["image"].astype(dtype))
             np.testing.assert_array_equal(x["label"], y["label"])
-            assert x["image"].dtype == np.float32
             offsets = np.array([cropped[i].meta["crop_offset"] for i in x["subject_index"]])
             np.testing.assert_array_equal(x["centre"] + offsets, y["centre"])
 
@@ -151,9 +158,9 @@ def test_cache_reused_then_rebuilt_when_source_or_settings_change(tmp_path):
     (subject,) = write_tiny_dataset(tmp_path / "data", n=1)
     cache = str(tmp_path / "cache")
     first = cache_subject(subject, cache)
-    mtime = os.path.getmtime(os.path.join(first.path, "image.b2nd"))
+    mtime = os.path.getmtime(os.path.join(first.path, "image.npy"))
     assert cache_subject(subject, cache).path == first.path
-    assert os.path.getmtime(os.path.join(first.path, "image.b2nd")) == mtime  # reused, not rewritten
+    assert os.path.getmtime(os.path.join(first.path, "image.npy")) == mtime  # reused, not rewritten
 
     before = np.asarray(first.image())
     st = os.stat(subject.images[0])  # same bytes, newer modification time: rebuilt
@@ -169,9 +176,26 @@ def test_cache_reused_then_rebuilt_when_source_or_settings_change(tmp_path):
     second = cache_subject(subject, cache)
     assert second.path != touched.path and entry_names(cache) == [os.path.basename(second.path)]
 
-    third = cache_subject(subject, cache, normalization="none")
+    third = cache_subject(subject, cache, normalization="none", storage="blosc2")
     assert third.path != second.path
     np.testing.assert_array_equal(third.image()[..., 0], data * 3)
+
+
+def test_storage_setting(tmp_path):
+    """auto: float16 for z-scored data, lossless blosc2 for raw intensities (float16's step is 16 from 2^15 on);
+    float16 with raw intensities, or an unknown storage, is a one-line error naming the key."""
+    assert storage_for("auto", "zscore_brain") == "float16" and storage_for("auto", "none") == "blosc2"
+    assert storage_for("npy", "none") == "npy"
+    with pytest.raises(CMFLError, match="float16 holds z-scored intensities only") as e:
+        storage_for("float16", "none")
+    assert e.value.where == "config.data.cache_storage"
+    with pytest.raises(CMFLError, match="unknown value 'zarr'"):
+        storage_for("zarr", "zscore_brain")
+    write_tiny_dataset(tmp_path / "data", n=1)
+    config = data_config(tmp_path / "data", tmp_path / "c")
+    config.normalization = "none"
+    (entry,) = load_entries(config)  # the config has no cache_storage: auto
+    assert entry.meta["storage"] == "blosc2" and entry.image().dtype == np.float32
 
 
 def test_csv_root_and_folder_root_share_one_entry(tmp_path):
@@ -227,15 +251,15 @@ def test_killed_build_is_ignored_and_cleaned_once_old(tmp_path):
     fresh, old = cache / f".tmp-{name}-fresh", cache / f".tmp-{name}-old"
     for tmp in (fresh, old):
         tmp.mkdir()
-        (tmp / "image.b2nd").write_bytes(b"\0" * 100)
+        (tmp / "image.npy").write_bytes(b"\0" * 100)
         (tmp / "meta.json").write_text(json.dumps(entry.meta))
     os.utime(old, (time.time() - 7200, time.time() - 7200))
     (cache / name).mkdir()  # and a folder of our own key without meta.json: not an entry
-    (cache / name / "image.b2nd").write_bytes(b"\0" * 10)
+    (cache / name / "image.npy").write_bytes(b"\0" * 10)
     rebuilt = cache_subject(subject, str(cache))
     assert rebuilt.path == entry.path
     image, _ = full_arrays(subject)
-    np.testing.assert_array_equal(rebuilt.image(), image)
+    np.testing.assert_array_equal(rebuilt.image(), image.astype(np.float16).astype(np.float32))
     assert fresh.exists() and not old.exists()  # a young one may be another process's build in progress
     assert entry_names(cache) == [name]
 

@@ -55,7 +55,8 @@ def test_bad_input_size_is_a_clear_error():
 
 
 @pytest.mark.parametrize("module", [Conv3D(5), Conv3D(4), Conv3D(3, kernel_size=1, padding=0), UpConv3D(5),
-                                    UpConv3D(4)], ids=["conv3_odd", "conv3_even", "conv1", "up_odd", "up_even"])
+                                    UpConv3D(4), Conv3D(1, kernel_size=7, padding=3)],
+                         ids=["conv3_odd", "conv3_even", "conv1", "up_odd", "up_even", "conv7_cbam"])
 @pytest.mark.parametrize("cin", [3, 4])
 def test_cpu_fast_equals_native_forward_and_gradient(module, cin):
     x = jax.random.normal(jax.random.key(0), (2, 6, 8, 4, cin))

@@ -79,6 +79,13 @@ def test_cbam_has_its_own_params_and_ignores_masks():
     cbam = FusionBranch(features=4, attention="cbam", conv_impl="native")
     params = cbam.init(jax.random.key(0), fa, fb, pa, pb)
     assert {"ca_dense_0", "ca_dense_1", "sa_conv"} <= set(params["params"])
+    # CBAM's own settings: reduction ratio 16 (at least 1 hidden unit) and a 7^3 spatial conv on [mean, max].
+    shapes = jax.tree.map(lambda x: x.shape, params["params"])
+    assert shapes["ca_dense_0"]["kernel"] == (4, 1) and shapes["ca_dense_1"]["kernel"] == (1, 4)
+    assert shapes["sa_conv"]["kernel"] == (7, 7, 7, 2, 1)
+    wide = jax.eval_shape(FusionBranch(features=64, attention="cbam", conv_impl="native").init, jax.random.key(0),
+                          fa, fb, pa, pb)["params"]
+    assert wide["ca_dense_0"]["kernel"].shape == (64, 4) and wide["ca_dense_1"]["kernel"].shape == (4, 64)
     np.testing.assert_array_equal(cbam.apply(params, fa, fb, pa, pb), cbam.apply(params, fa, fb, pa2, pb2))
 
 

@@ -96,6 +96,18 @@ def test_seed_decides_about_a_quarter_lgg():
     assert subject(8).grade == phantom.grade_of_seed(8)
 
 
+def test_lgg_fraction_sets_the_share_and_keeps_the_draw():
+    """The grade is the same uniform draw per seed compared with another threshold: 0 and 1 give all HGG / all LGG,
+    and a subject LGG at 0.25 stays LGG at 0.5 (the default data set's LGG subjects are in the new one)."""
+    draws = [phantom.grade_of_seed(s, 0.5) for s in range(400)]
+    assert 0.42 < draws.count("LGG") / len(draws) < 0.58
+    assert {phantom.grade_of_seed(s, 0.0) for s in range(50)} == {"HGG"}
+    assert {phantom.grade_of_seed(s, 1.0) for s in range(50)} == {"LGG"}
+    assert all(phantom.grade_of_seed(s, 0.5) == "LGG" for s in range(400) if phantom.grade_of_seed(s) == "LGG")
+    with pytest.raises(CMFLError, match="lgg_fraction"):
+        phantom.write_dataset("/nonexistent", 1, lgg_fraction=1.5)
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_contrasts_need_several_modalities(seed):
     ph = subject(seed, (64, 64, 64), lgg=False)

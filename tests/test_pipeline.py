@@ -52,7 +52,7 @@ def test_restored_state_continues_same_sequence(entries):
 def test_batches_and_centres_in_tumour(entries):
     batches = take(patch_dataset(entries, (8, 8, 8), seed=0, batch_size=2, tumour_prob=1.0), 10)
     b = batches[0]
-    assert b["image"].shape == (2, 8, 8, 8, 4) and b["image"].dtype == np.float32
+    assert b["image"].shape == (2, 8, 8, 8, 4) and b["image"].dtype == np.float16  # the cache's default storage
     assert b["label"].shape == (2, 8, 8, 8) and b["label"].dtype == np.uint8
     for b in batches:
         for i in range(2):
@@ -60,6 +60,7 @@ def test_batches_and_centres_in_tumour(entries):
             assert entry.label()[tuple(b["centre"][i])] > 0
             assert b["label"][i][4, 4, 4] == entry.label()[tuple(b["centre"][i])]  # centre voxel of the patch
             np.testing.assert_array_equal(b["image"][i], crop_centered(entry.image(), b["centre"][i], (8, 8, 8)))
+            assert b["image"][i].dtype == np.float16 and entry.image().dtype == np.float32
 
 
 def test_every_subject_is_visited_once_per_epoch(entries):

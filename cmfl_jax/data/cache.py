@@ -7,7 +7,8 @@ voxels: everything outside that box is 0 in every channel (the z-score leaves th
 0), so nothing is lost, and :func:`uncrop` puts an array back on the full grid. ``meta.json`` holds the
 cropped ``shape``, the ``full_shape`` and the ``crop_offset``; every coordinate in an entry (its arrays,
 ``brain_bbox``, ``tumour_bbox``, ``tumour_index``) is on the cropped grid. ``label_counts`` count the full
-grid. Storage (blosc2 chunks or ``.npy``) and reading: :mod:`cmfl_jax.data.cached_subject`.
+grid. Storage (a float16 memory map by default, blosc2 chunks or float32 ``.npy``) and reading:
+:mod:`cmfl_jax.data.cached_subject`.
 
 All entries live in one folder, ``<cache_dir>/preprocessed/``, as ``<subject_id>-<key>/``, where ``key``
 hashes the source files' real paths (symbolic links resolved), sizes and modification times and the
@@ -33,13 +34,12 @@ import numpy as np
 from absl import logging
 
 from cmfl_jax.data.cached_subject import (
-    BLOSC2_CHUNKS,
     DEFAULT_STORAGE,
     META_FILE,
     STORAGES,
     TUMOUR_FILE,
     CachedSubject,
-    write_array,
+    write_entry_array,
 )
 from cmfl_jax.data.io import load_subject, read_json
 from cmfl_jax.data.layouts import INTERNAL_LABELS, Subject
@@ -47,7 +47,8 @@ from cmfl_jax.data.preprocess import PREPROCESS_VERSION, preprocess_images
 from cmfl_jax.errors import CMFLError
 from cmfl_jax.progress import progress
 
-CACHE_FORMAT = 3  # 2: cropped to the brain, blosc2, one folder for every root; 3: 16^3 blocks, no shuffle
+# 2: cropped to the brain, blosc2, one folder for every root; 3: 16^3 blocks, no shuffle; 4: storage "float16"
+CACHE_FORMAT = 4
 CROP_MARGIN = 4  # voxels of background kept on each side of the brain's bounding box
 _TMP_PREFIX = ".tmp-"
 _TMP_MAX_AGE_S = 3600.0  # a temporary folder this old is a killed build's: a build takes seconds
@@ -135,10 +136,10 @@ def _build_entry(subject: Subject, final: str, key: str, normalization: str, sto
     try:
         image = np.ascontiguousarray(np.moveaxis(images, 0, -1)[window])
         del images
-        write_array(os.path.join(tmp, "image"), image, storage, BLOSC2_CHUNKS["image"])
+        write_entry_array(tmp, "image", image, storage)
         if loaded.label is not None:
             label = np.ascontiguousarray(loaded.label[window])
-            write_array(os.path.join(tmp, "label"), label, storage, BLOSC2_CHUNKS["label"])
+            write_entry_array(tmp, "label", label, storage)
             index_dtype = np.int32 if label.size < 2**31 else np.int64
             np.save(os.path.join(tmp, TUMOUR_FILE), np.flatnonzero(label > 0).astype(index_dtype))
             counts = np.bincount(loaded.label.ravel(), minlength=5)  # the full grid, background included
@@ -178,14 +179,32 @@ def _remove_stale(cache_dir: str, subject: Subject, name: str) -> None:
                 shutil.rmtree(path, ignore_errors=True)
 
 
+def check_storage(storage: str, normalization: str) -> None:
+    """A known storage that can hold the intensities: float16 only after the z-score (raw MRI values reach
+    tens of thousands, where float16's step is 16 or more)."""
+    if storage not in STORAGES:
+        raise CMFLError("config.data.cache_storage", f"unknown value {storage!r}; choose one of auto, "
+                        f"{', '.join(STORAGES)}")
+    if storage == "float16" and normalization != "zscore_brain":
+        raise CMFLError("config.data.cache_storage", f"float16 holds z-scored intensities only, not normalization="
+                        f"{normalization!r}; use blosc2 or npy (or auto)")
+
+
+def storage_for(setting: str, normalization: str) -> str:
+    """``config.data.cache_storage``: "auto" is float16 for z-scored data and lossless blosc2 otherwise."""
+    if setting == "auto":
+        return DEFAULT_STORAGE if normalization == "zscore_brain" else "blosc2"
+    check_storage(setting, normalization)
+    return setting
+
+
 def cache_subject(subject: Subject, cache_dir: str, normalization: str = "zscore_brain",
                   storage: str = DEFAULT_STORAGE) -> CachedSubject:
     """The cache entry of ``subject`` in ``cache_dir`` (see :func:`preprocessed_dir`), built if missing or stale.
 
     ``meta``'s ``subject_id``, ``layout`` and ``grade`` are the given subject's, whichever root built the entry.
     """
-    if storage not in STORAGES:
-        raise CMFLError("storage", f"unknown value {storage!r}; choose one of {', '.join(STORAGES)}")
+    check_storage(storage, normalization)
     key = cache_key(subject, normalization, storage)
     name = f"{subject.subject_id}-{key}"
     final = os.path.join(cache_dir, name)

@@ -1,13 +1,19 @@
-"""One cached subject on disk: its arrays (blosc2 chunks or ``.npy``), read lazily, on the cropped grid.
+"""One cached subject on disk: its arrays (``.npy`` memory maps or blosc2 chunks), read lazily, on the cropped grid.
 
 The grain pipeline reads a patch per step from many threads; only the part a window touches is read.
 
-Storage (``storage``): ``"blosc2"`` (the default) keeps the float32 image and the label map losslessly
-compressed (LZ4 after byte shuffle) in 32^3-voxel chunks, so a 128^3 patch decompresses only the
-chunks it touches; ``"npy"`` keeps uncompressed ``.npy`` files, memory-mapped. Both give the same
-values, bit for bit. About 21 MB per 240x240x155 phantom with blosc2, against 152 MB for the uncropped
-float32 ``.npy`` of format 1; a 128^3 patch costs about twice the CPU time of format 1's memory map when
-the files are in the page cache, somewhat less time when they are not (``experiments/cache_benchmark.py``).
+Storage (``storage``, ``config.data.cache_storage``):
+
+* ``"float16"`` (the default for z-scored data): the image as a float16 ``.npy``, memory-mapped, the label
+  map in blosc2 chunks. The patch sampler reads the float16 window as it is (no decompression, half the
+  bytes of float32) and the training steps get it as float32 on the device (exact). The z-scored values
+  are rounded to float16 (relative error <= 2^-11, finer than bfloat16's 2^-8 that mixed precision uses).
+* ``"blosc2"``: the float32 image and the label, lossless, LZ4 in 32^3-voxel chunks (a patch decompresses
+  only the blocks it touches): the smallest, but a patch costs ~2-3x the time of a memory map.
+* ``"npy"``: float32 ``.npy`` files, memory-mapped: the fastest, ~2x the disk of ``"float16"``.
+
+Per 240x240x155 BraTS-sized phantom: ~29 MB (float16), ~23 MB (blosc2), ~62 MB (npy), against 152 MB for
+the uncropped float32 ``.npy`` of format 1 (``experiments/cache_benchmark.py`` and its results).
 """
 
 from __future__ import annotations
@@ -20,8 +26,12 @@ import numpy as np
 
 from cmfl_jax.errors import CMFLError
 
-STORAGES = ("blosc2", "npy")
-DEFAULT_STORAGE = "blosc2"
+STORAGES = ("float16", "blosc2", "npy")
+DEFAULT_STORAGE = "float16"
+# storage -> array name -> (file extension, dtype written; None: the array's own)
+FILES = {"float16": {"image": (".npy", np.float16), "label": (".b2nd", None)},
+         "blosc2": {"image": (".b2nd", None), "label": (".b2nd", None)},
+         "npy": {"image": (".npy", None), "label": (".npy", None)}}
 BLOSC2_CHUNKS = {"image": (32, 32, 32), "label": (32, 32, 32)}  # spatial; the channels stay in one chunk
 # Blocks (blosc2's unit of decompression inside a chunk) of 16^3, no byte shuffle: 22.6 MB per BraTS-sized phantom
 # (20.9 MB with shuffle). A 128^3 patch (image + label) with the files in the page cache, on an idle machine:
@@ -29,7 +39,6 @@ BLOSC2_CHUNKS = {"image": (32, 32, 32), "label": (32, 32, 32)}  # spatial; the c
 # from disk, compressed entries read faster (experiments/results/cache_benchmark.md, "cold").
 BLOSC2_BLOCKS = (16, 16, 16)
 BLOSC2_SHUFFLE = False
-EXTENSIONS = {"blosc2": ".b2nd", "npy": ".npy"}
 TUMOUR_FILE, META_FILE = "tumour_index.npy", "meta.json"
 _NPY_HEADER_LOCK = threading.Lock()
 
@@ -70,16 +79,15 @@ class LazyVolume:
         return f"LazyVolume(shape={self.shape}, dtype={self.dtype})"
 
 
-def write_array(path_stem: str, array: np.ndarray, storage: str, chunks: tuple[int, ...] | None = None,
+def write_array(path: str, array: np.ndarray, chunks: tuple[int, ...] | None = None,
                 shuffle: bool | None = None) -> str:
-    """Write ``array`` to ``path_stem`` plus the storage's extension; returns the path.
+    """Write ``array`` to ``path``: ``.npy`` as it is, ``.b2nd`` compressed; returns the path.
 
     blosc2: chunks of ``chunks`` spatial voxels in blocks of ``BLOSC2_BLOCKS``, LZ4, byte shuffle if ``shuffle``
     (default ``BLOSC2_SHUFFLE``). It compresses in memory and the frame is written with plain Python I/O, so a full
     disk raises an ``OSError`` that names the file (as ``np.save`` does).
     """
-    path = path_stem + EXTENSIONS[storage]
-    if storage == "npy":
+    if path.endswith(".npy"):
         np.save(path, array)
         return path
     import blosc2
@@ -95,6 +103,13 @@ def write_array(path_stem: str, array: np.ndarray, storage: str, chunks: tuple[i
     with open(path, "wb") as f:
         f.write(compressed.to_cframe())
     return path
+
+
+def write_entry_array(folder: str, name: str, array: np.ndarray, storage: str) -> str:
+    """Write the entry's array ``name`` ("image" or "label") in ``folder`` as ``storage`` keeps it."""
+    extension, dtype = FILES[storage][name]
+    array = array if dtype is None else array.astype(dtype)
+    return write_array(os.path.join(folder, name + extension), array, BLOSC2_CHUNKS[name])
 
 
 def open_array(path: str, dtype=None):
@@ -128,11 +143,16 @@ class CachedSubject:
         return self.meta["has_label"]
 
     def _file(self, name: str) -> str:
-        return os.path.join(self.path, name + EXTENSIONS[self.meta["storage"]])
+        return os.path.join(self.path, name + FILES[self.meta["storage"]][name][0])
 
     def image(self):
         """``(D, H, W, 4)`` float32 on the cropped grid (channels last, the models' layout), read lazily."""
         return open_array(self._file("image"), np.float32)
+
+    def stored_image(self):
+        """The image as stored (float16 or float32), read lazily: the patch sampler's windows skip the cast, which
+        numpy does slowly (~2 ns per value here); the steps cast on the device."""
+        return open_array(self._file("image"))
 
     def label(self):
         """``(D, H, W)`` uint8 in 0/1/2/4 on the cropped grid, read lazily."""

@@ -14,8 +14,10 @@ from cmfl_jax.data.cache import (
     default_cache_dir,
     estimate_line,
     preprocessed_dir,
+    storage_for,
 )
 from cmfl_jax.data.layouts import discover
+from cmfl_jax.data.phantom import LGG_FRACTION
 from cmfl_jax.data.splits import apply_split
 from cmfl_jax.data.subject import Subject
 
@@ -24,13 +26,16 @@ def synthetic_root(data: ml_collections.ConfigDict) -> str:
     """Folder of the built-in synthetic data set for this config, generated on first use."""
     syn = data.synthetic
     shape = tuple(int(s) for s in syn.shape)
+    lgg_fraction = float(syn.get("lgg_fraction", LGG_FRACTION))
     name = f"{syn.layout}-n{syn.n}-{'x'.join(map(str, shape))}-seed{syn.seed}"
+    name += f"-lgg{lgg_fraction:g}" if lgg_fraction != LGG_FRACTION else ""  # the default keeps its old name
     folder = os.path.join(data.cache_dir or default_cache_dir(), "synthetic", name)
     marker = os.path.join(folder, ".complete")
     if not os.path.exists(marker):
         from cmfl_jax.data.phantom import write_dataset  # heavy (nilearn): only when generating
 
-        write_dataset(folder, int(syn.n), layout=syn.layout, shape=shape, seed=int(syn.seed))
+        write_dataset(folder, int(syn.n), layout=syn.layout, shape=shape, seed=int(syn.seed),
+                      lgg_fraction=lgg_fraction)
         with open(marker, "w") as f:
             f.write("written by cmfl_jax.data.phantom.write_dataset\n")
     return folder
@@ -51,10 +56,11 @@ def load_entries(data: ml_collections.ConfigDict, announce: Callable[[str], None
     """
     root = resolve_root(data)
     subjects = discover(root, require_labels=data.require_labels)
-    folder = preprocessed_dir(data.cache_dir or None)
+    folder, storage = preprocessed_dir(data.cache_dir or None), cache_storage(data)
     if announce is not None and subjects:
-        announce(estimate_line(cache_subject(subjects[0], folder, data.normalization), len(subjects), folder))
-    return build_cache(subjects, folder, data.normalization)
+        announce(estimate_line(cache_subject(subjects[0], folder, data.normalization, storage), len(subjects),
+                               folder))
+    return build_cache(subjects, folder, data.normalization, storage=storage)
 
 
 def split_of(data: ml_collections.ConfigDict) -> tuple[list[Subject], list[Subject]]:
@@ -65,4 +71,10 @@ def split_of(data: ml_collections.ConfigDict) -> tuple[list[Subject], list[Subje
 
 def cache_subjects(data: ml_collections.ConfigDict, subjects: list[Subject]) -> list[CachedSubject]:
     """Validate and cache ``subjects`` of the configured root (cached entries are reused)."""
-    return build_cache(subjects, preprocessed_dir(data.cache_dir or None), data.normalization)
+    return build_cache(subjects, preprocessed_dir(data.cache_dir or None), data.normalization,
+                       storage=cache_storage(data))
+
+
+def cache_storage(data: ml_collections.ConfigDict) -> str:
+    """The storage of ``data.cache_storage`` ("auto" when the config has none)."""
+    return storage_for(data.get("cache_storage", "auto"), data.normalization)

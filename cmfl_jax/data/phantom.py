@@ -272,9 +272,12 @@ def subject_seed(seed: int, index: int) -> int:
     return seed * 100003 + index
 
 
-def grade_of_seed(seed: int) -> str:
-    """The grade the seed gives (cheap: lets :func:`write_dataset` find existing files without making them)."""
-    return "LGG" if np.random.default_rng([seed, 1]).random() < LGG_FRACTION else "HGG"
+def grade_of_seed(seed: int, lgg_fraction: float = LGG_FRACTION) -> str:
+    """The grade the seed gives (cheap: lets :func:`write_dataset` find existing files without making them).
+
+    ``lgg_fraction`` is the share of LGG-like subjects (no enhancing tumour) over seeds; raising it makes a data set
+    where more subjects have no ET, the case the BraTS scoring punishes hardest."""
+    return "LGG" if np.random.default_rng([seed, 1]).random() < lgg_fraction else "HGG"
 
 
 def _check_args(seed: int, shape: Sequence[int], spacing: Sequence[float]) -> tuple[tuple[int, ...], np.ndarray]:
@@ -295,6 +298,7 @@ def make_subject(
     *,
     lgg: bool | None = None,
     spacing: Sequence[float] = (1.0, 1.0, 1.0),
+    lgg_fraction: float = LGG_FRACTION,
 ) -> Phantom:
     """One synthetic BraTS subject, a deterministic function of its arguments.
 
@@ -302,11 +306,11 @@ def make_subject(
       seed: non-negative integer; equal seeds give bit-equal subjects.
       shape: voxels per axis (BraTS: 240, 240, 155); the brain is scaled to fit smaller grids.
       lgg: True for an LGG-like subject (no enhancing tumour), False for HGG, None to let the seed
-        decide (about 25 % LGG).
+        decide (``lgg_fraction`` of the seeds are LGG, 25 % by default).
       spacing: voxel size in mm, written into the affine.
     """
     shape, spacing = _check_args(seed, shape, spacing)
-    grade = grade_of_seed(int(seed)) if lgg is None else ("LGG" if lgg else "HGG")
+    grade = grade_of_seed(int(seed), lgg_fraction) if lgg is None else ("LGG" if lgg else "HGG")
     hgg = grade == "HGG"
     rng = np.random.default_rng([int(seed), 2])
     tmpl = _template()
@@ -562,6 +566,7 @@ def write_dataset(
     seed: int = 0,
     progress: bool = True,
     spacing: Sequence[float] = (1.0, 1.0, 1.0),
+    lgg_fraction: float = LGG_FRACTION,
 ) -> list[Subject]:
     """Write ``n`` phantoms as NIfTI files named exactly as the given BraTS release, and list them.
 
@@ -583,10 +588,12 @@ def write_dataset(
     if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
         raise CMFLError("seed", f"must be a non-negative integer, got {seed!r}")
     shape, spacing_arr = _check_args(0, shape, spacing)
+    if not 0.0 <= lgg_fraction <= 1.0:
+        raise CMFLError("lgg_fraction", f"must lie in [0, 1], got {lgg_fraction!r}")
     subjects, todo = [], []
     for i in range(int(n)):
         s = subject_seed(int(seed), i)
-        subject = subject_file_paths(out_dir, layout, i, grade_of_seed(s))
+        subject = subject_file_paths(out_dir, layout, i, grade_of_seed(s, lgg_fraction))
         subjects.append(subject)
         if not _complete(subject, shape):
             todo.append((s, subject))
@@ -596,7 +603,7 @@ def write_dataset(
 
         items = progress_iter(todo, desc=f"phantoms -> {os.fspath(out_dir)}")
     for s, subject in items:
-        ph = make_subject(s, shape, spacing=spacing_arr)
+        ph = make_subject(s, shape, spacing=spacing_arr, lgg_fraction=lgg_fraction)
         for path, volume in zip(subject.images, ph.images, strict=True):
             write_nifti(path, volume, ph.affine)
         write_nifti(subject.label, to_dataset(ph.label, subject.et_label), ph.affine)  # type: ignore[arg-type]
@@ -634,6 +641,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--shape", type=_triple(int), default=BRATS_SHAPE, help="voxels, e.g. 240,240,155")
     parser.add_argument("--spacing", type=_triple(float), default=(1.0, 1.0, 1.0), help="mm, e.g. 1,1,1")
     parser.add_argument("--seed", type=int, default=0, help="data set seed (subject i uses seed*100003+i)")
+    parser.add_argument("--lgg_fraction", type=float, default=LGG_FRACTION,
+                        help="share of LGG-like subjects (no enhancing tumour) over seeds")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     args = parser.parse_args(argv)
 
@@ -648,7 +657,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         subjects = write_dataset(
             args.out, args.n, layout=args.layout, shape=args.shape, seed=args.seed,
-            progress=not args.quiet, spacing=args.spacing,
+            progress=not args.quiet, spacing=args.spacing, lgg_fraction=args.lgg_fraction,
         )
     except CMFLError as e:
         print(f"cmfl_jax.data.phantom: error: {e}", file=sys.stderr)
@@ -657,7 +666,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"cmfl_jax.data.phantom: error: {args.out}: {e.strerror or e}", file=sys.stderr)
         return 2
     if not args.quiet:
-        lgg = sum(grade_of_seed(subject_seed(args.seed, i)) == "LGG" for i in range(len(subjects)))
+        lgg = sum(grade_of_seed(subject_seed(args.seed, i), args.lgg_fraction) == "LGG" for i in range(len(subjects)))
         print(f"{len(subjects)} subjects in {args.out} ({args.layout}; {len(subjects) - lgg} HGG, {lgg} LGG-like)")
     return 0
 

@@ -58,7 +58,7 @@ class PatchSampler(grain.transforms.RandomMap):
     def random_map(self, element: tuple[int, CachedSubject], rng: np.random.Generator) -> dict:
         index, entry = element
         centre = self._centre(entry, rng)
-        image = crop_centered(entry.image(), centre, self.patch_size)
+        image = crop_centered(entry.stored_image(), centre, self.patch_size)
         if entry.has_label:
             label = crop_centered(entry.label(), centre, self.patch_size)
         else:
@@ -68,7 +68,7 @@ class PatchSampler(grain.transforms.RandomMap):
             if axes:
                 image, label = np.flip(image, axes).copy(), np.flip(label, axes).copy()
         return {
-            "image": image,  # (P, P, P, 4) float32
+            "image": image,  # (P, P, P, 4) as the cache stores it: float16 (default) or float32
             "label": label,  # (P, P, P) uint8, 0/1/2/4
             "subject_index": np.int32(index),
             "centre": centre.astype(np.int32),

@@ -2,11 +2,12 @@
 
 A bundle is a directory:
 
-* ``bundle.json``: the CMFF run's config (it rebuilds the model), the internal class labels, the
-  checkpoint it came from and that checkpoint's validation metrics;
+* ``bundle.json``: the CMFF run's config (it rebuilds the model), its ``output`` kind (``"classes"``: the
+  channels are the internal class labels; ``"regions"``: WT, TC, ET sigmoids, see
+  :mod:`cmfl_jax.label_classes`), the checkpoint it came from and that checkpoint's validation metrics;
 * ``params/``: the params only (Orbax, no optimizer state);
-* ``window_<D>x<H>x<W>.stablehlo``: the window-level function ``(b, D, H, W, 4) image -> (b, D, H, W, 4)
-  class probabilities`` with the params inside, serialized with ``jax.export`` for every platform of
+* ``window_<D>x<H>x<W>.stablehlo``: the window-level function ``(b, D, H, W, 4) image -> (b, D, H, W, K)
+  class or region probabilities`` with the params inside, serialized with ``jax.export`` for every platform of
   ``config.platforms`` (default ``cpu``, ``cuda``, ``tpu``: one file, the platform picked where it runs; with
   ``conv_impl="auto"`` it carries both conv paths, see :mod:`cmfl_jax.models.conv`) and a symbolic batch ``b``
   (the window is fixed). It runs with JAX alone, without this package's model code
@@ -35,7 +36,7 @@ from cmfl_jax.data.pairs import split_pairs
 from cmfl_jax.errors import CMFLError
 from cmfl_jax.inference.predictor import CHECKPOINT_DIRS, Predictor, load_workdir
 from cmfl_jax.inference.stablehlo import BUNDLE_FILE, BUNDLE_FORMAT, load_exported, stablehlo_name
-from cmfl_jax.label_classes import CLASS_LABELS
+from cmfl_jax.label_classes import CLASS_LABELS, REGION_LABELS
 
 __all__ = ["DEFAULT_PLATFORMS", "PLATFORMS", "export_bundle", "export_window_function", "load_window_function",
            "parse_platforms", "stablehlo_name"]
@@ -99,7 +100,10 @@ def export_bundle(model_dir: str, out_dir: str, checkpoint: str = "best", platfo
         info = {
             "format": BUNDLE_FORMAT,
             "config": run_config,
+            "output": predictor.output,  # what the probabilities' channels are (load_stablehlo_predictor reads it)
             "class_labels": list(CLASS_LABELS),
+            **({"region_labels": {r: list(v) for r, v in REGION_LABELS.items()}} if predictor.output == "regions"
+               else {}),
             "label_convention": "internal 0/1/2/4; predict writes each dataset's own (ET = 4, or 3 for BraTS 2023+)",
             "source": predictor.source,
             "step": meta.get("step"),

@@ -44,10 +44,11 @@ class Predictor(VolumePredictor):
     window: tuple[int, int, int]
     normalization: str
     source: str
+    output: str = "classes"
 
     def probabilities(self, image: np.ndarray, overlap: float = 0.5, batch_size: int = 1, mirror: bool = False,
                       window: tuple[int, ...] | None = None) -> np.ndarray:
-        """Class probabilities ``(D, H, W, 4)`` of a pre-processed ``(D, H, W, 4)`` volume."""
+        """Class (or region) probabilities ``(D, H, W, K)`` of a pre-processed ``(D, H, W, 4)`` volume."""
         fn = _predict_fn(self.model, self.pairing, mirror)
         return sliding_window(functools.partial(fn, self.params), image, window or self.window, overlap, batch_size)
 
@@ -71,8 +72,9 @@ def _read_run_config(model_dir: str) -> ml_collections.ConfigDict:
 
 
 def _predictor(config: ml_collections.ConfigDict, params: dict, window, source: str) -> Predictor:
-    return Predictor(builder.cmff_net(config.model), params, config.data.pairing, tuple(int(w) for w in window),
-                     config.data.normalization, source)
+    model = builder.cmff_net(config.model)
+    return Predictor(model, params, config.data.pairing, tuple(int(w) for w in window), config.data.normalization,
+                     source, model.output)
 
 
 def load_workdir(model_dir: str, checkpoint: str = "best") -> Predictor:

@@ -109,8 +109,8 @@ def restrict_to_brain(pred: np.ndarray, image: np.ndarray) -> np.ndarray:
 
 
 def cmff_predict_fn(model, pairing: str, mirror: bool = False) -> Callable[[dict, jax.Array], jax.Array]:
-    """A ``(params, (B, *window, 4)) -> (B, *window, 4)`` probability function of a CMFFNet: jitted, or with
-    ``mirror`` the mean over the 8 flips of that one jitted function (:func:`mirrored`).
+    """A ``(params, (B, *window, 4)) -> (B, *window, K)`` probability function of a CMFFNet (K = 4 classes or 3
+    regions): jitted, or with ``mirror`` the mean over the 8 flips of that one jitted function (:func:`mirrored`).
 
     Params are an argument, not a constant, so one compilation serves every validation of a run:
     bind them with ``functools.partial(fn, params)`` to get a :data:`Predict`.

@@ -1,7 +1,8 @@
 """Predict from a bundle's StableHLO alone: the deserialized window function, no model code.
 
 A bundle (:mod:`cmfl_jax.inference.bundle`) holds ``window_<D>x<H>x<W>.stablehlo``, the window-level
-probability function ``(b, D, H, W, 4) -> (b, D, H, W, 4)`` with the params inside, exported for the platforms
+probability function ``(b, D, H, W, 4) -> (b, D, H, W, K)`` (4 classes, or 3 regions as ``bundle.json``'s
+``output`` says) with the params inside, exported for the platforms
 ``bundle.json`` lists (``cpu``, ``cuda``, ``tpu`` by default) with a symbolic batch ``b``.
 :func:`load_stablehlo_predictor` reads it with ``jax.export.deserialize`` and gives a :class:`StableHLOPredictor`,
 which has the interface of :class:`cmfl_jax.inference.predictor.Predictor` (``model_input``, ``probabilities``,
@@ -20,7 +21,7 @@ import numpy as np
 from cmfl_jax.data.preprocess import preprocess_images
 from cmfl_jax.errors import CMFLError
 from cmfl_jax.inference.sliding_window import mirrored, restrict_to_brain, sliding_window
-from cmfl_jax.label_classes import classes_to_labels
+from cmfl_jax.label_classes import check_output, probs_to_labels
 
 BUNDLE_FILE = "bundle.json"
 BUNDLE_FORMAT = 2  # 2: the window function is exported for several platforms, with a symbolic batch
@@ -35,6 +36,7 @@ class VolumePredictor:
     """What every predictor shares: the model input of a subject, and labels from :meth:`probabilities`."""
 
     normalization: str
+    output: str = "classes"  # config.model.output of the training run: 4 classes or 3 regions
 
     def probabilities(self, image: np.ndarray, overlap: float = 0.5, batch_size: int = 1, mirror: bool = False,
                       window: tuple[int, ...] | None = None) -> np.ndarray:
@@ -47,9 +49,9 @@ class VolumePredictor:
 
     def labels(self, image: np.ndarray, overlap: float = 0.5, batch_size: int = 1, mirror: bool = False
                ) -> tuple[np.ndarray, np.ndarray]:
-        """(internal 0/1/2/4 label map, class probabilities) of a pre-processed volume."""
+        """(internal 0/1/2/4 label map, class or region probabilities) of a pre-processed volume."""
         probs = self.probabilities(image, overlap, batch_size, mirror)
-        return restrict_to_brain(classes_to_labels(np.argmax(probs, axis=-1)), image), probs
+        return restrict_to_brain(probs_to_labels(probs, self.output), image), probs
 
 
 def read_bundle_info(path: str) -> dict:
@@ -90,11 +92,13 @@ class StableHLOPredictor(VolumePredictor):
       window: the fixed window edge per axis.
       normalization: the training run's ``config.data.normalization``.
       source: the bundle folder.
+      output: the training run's ``config.model.output`` ("classes" or "regions").
     """
 
-    def __init__(self, exported: jax.export.Exported, window, normalization: str, source: str):
+    def __init__(self, exported: jax.export.Exported, window, normalization: str, source: str,
+                 output: str = "classes"):
         self.exported, self.window = exported, tuple(int(w) for w in window)
-        self.normalization, self.source = normalization, source
+        self.normalization, self.source, self.output = normalization, source, check_output(output)
         self._symbolic_batch = not isinstance(exported.in_avals[0].shape[0], int)
         plain = jax.jit(exported.call)  # compiled once per batch shape; mirroring calls it once per flip
         self._fns = {False: plain, True: mirrored(plain)}
@@ -119,4 +123,9 @@ def load_stablehlo_predictor(path: str) -> StableHLOPredictor:
         raise CMFLError(file, f"exported for {', '.join(exported.platforms)}, not for this machine's "
                               f"{jax.default_backend()}; export again with --config.platforms (configs/export.py)")
     normalization = info["config"]["data"]["normalization"]
-    return StableHLOPredictor(exported, window, normalization, os.path.abspath(path))
+    return StableHLOPredictor(exported, window, normalization, os.path.abspath(path), bundle_output(info))
+
+
+def bundle_output(info: dict) -> str:
+    """The output kind a bundle records (``"output"``); a bundle from before it has the paper's 4 classes."""
+    return check_output(info.get("output", "classes"))

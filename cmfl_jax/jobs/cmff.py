@@ -8,11 +8,11 @@ keeping the best model in ``best/`` and the last in ``final/`` with the whole fo
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 from absl import logging
 
@@ -20,9 +20,10 @@ from cmfl_jax import checkpoints, sharding
 from cmfl_jax.data.dataset import cache_subjects, split_of
 from cmfl_jax.data.pairs import pair_channels
 from cmfl_jax.data.splits import split_settings
+from cmfl_jax.label_classes import check_output
 from cmfl_jax.training.cmff_step import create_state, make_train_step
 from cmfl_jax.training.cmft_init import INIT_SOURCES, check_init_mode, cmft_checkpoint
-from cmfl_jax.training.loop import Phase, fit, training_patches
+from cmfl_jax.training.loop import Phase, device_batch, fit, training_patches
 from cmfl_jax.training.validation import Validator
 
 
@@ -52,6 +53,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     sharding.initialize_distributed(config)
     pair_channels(config.data.pairing)  # fail early on a bad pairing
     check_init_mode(config)
+    check_output(config.model.get("output", "classes"))  # fail early on a bad output kind
     if config.train.fresh and sharding.is_primary():
         for sub in ("best", "final"):  # fit() removes checkpoints/; a fresh run keeps no best or final either
             shutil.rmtree(os.path.join(workdir, sub), ignore_errors=True)
@@ -68,9 +70,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         del batch
         return validator(step, states) if validator.due(step) else None
 
-    phase = Phase("cmff", states, make_train_step(config), to_batch=lambda b: {"image": jnp.asarray(b["image"]),
-                                                                              "label": jnp.asarray(b["label"])},
-                  on_step=on_step)
+    phase = Phase("cmff", states, make_train_step(config),
+                  to_batch=functools.partial(device_batch, keys=("image", "label")), on_step=on_step)
     try:
         states, step = fit(phase, dataset, config.train, workdir, config.seed)
     finally:

@@ -11,7 +11,6 @@ import functools
 import os
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -22,7 +21,7 @@ from cmfl_jax.data.pairs import pair_channels, split_pairs
 from cmfl_jax.errors import CMFLError
 from cmfl_jax.previews import save_translation_png
 from cmfl_jax.training.cmft_step import GENERATORS, create_states, make_train_step, translate
-from cmfl_jax.training.loop import Phase, fit, training_patches
+from cmfl_jax.training.loop import Phase, device_batch, fit, training_patches
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -49,7 +48,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                  title=f"CMFT step {step}")
         return None
 
-    phase = Phase("cmft", states, make_train_step(config), to_batch=lambda b: {"image": jnp.asarray(b["image"])},
+    phase = Phase("cmft", states, make_train_step(config), to_batch=device_batch,
                   on_step=on_step)
     states, _ = fit(phase, dataset, config.train, workdir, config.seed)
     return states

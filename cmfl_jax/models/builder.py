@@ -34,9 +34,10 @@ def discriminator(model: ml_collections.ConfigDict) -> PatchDiscriminator:
 
 
 def cmff_net(model: ml_collections.ConfigDict) -> CMFFNet:
-    """The CMFF segmentation network of the configured variant (``branches``, ``attention``)."""
-    return CMFFNet(branches=model.branches, attention=model.attention, base=model.base, depth=model.depth,
-                   conv_impl=model.conv_impl, dtype=DTYPES[model.dtype])
+    """The CMFF segmentation network of the configured variant (``branches``, ``attention``, ``output``; a run
+    from before ``output`` existed has the paper's 4 classes)."""
+    return CMFFNet(branches=model.branches, attention=model.attention, output=model.get("output", "classes"),
+                   base=model.base, depth=model.depth, conv_impl=model.conv_impl, dtype=DTYPES[model.dtype])
 
 
 def example_inputs(module: nn.Module) -> tuple[jax.ShapeDtypeStruct, ...]:

@@ -2,9 +2,10 @@
 
 One network (:class:`~cmfl_jax.models.CMFFNet`), one optax state (``seg``). The Dice runs over the
 network's 4 mutually exclusive classes (background, NCR/NET, oedema, ET), the classes its softmax
-predicts. ``config.cmff.ce_weight`` > 0 adds a cross-entropy term per branch (nnU-Net's Dice + CE; not
-in the paper): a soft Dice gradient vanishes for a class predicted on far too many voxels, and CE removes
-that failure mode in short runs.
+predicts, or with ``config.model.output="regions"`` over the WT, TC, ET regions its sigmoids predict.
+``config.cmff.ce_weight`` > 0 adds a cross-entropy term per branch (binary per region for regions;
+nnU-Net's Dice + CE; not in the paper): a soft Dice gradient vanishes for a class predicted on far too
+many voxels, and CE removes that failure mode in short runs.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from flax.training import train_state
 
 from cmfl_jax import losses, sharding
 from cmfl_jax.data.pairs import split_pairs
-from cmfl_jax.label_classes import NUM_CLASSES, labels_to_classes
+from cmfl_jax.label_classes import check_output, label_targets
 from cmfl_jax.models import builder
 from cmfl_jax.training.cmft_init import initial_params
 from cmfl_jax.training.state import create_train_state, make_optimizer, skip_nonfinite
@@ -33,16 +34,16 @@ def create_state(rng: jax.Array, config: ml_collections.ConfigDict, resuming: bo
     return create_train_state(rng, model, tx, params)
 
 
-def train_step(states: dict, batch: dict, rng: jax.Array, *, pairing: str, ce_weight: float = 0.0
-               ) -> tuple[dict, dict]:
+def train_step(states: dict, batch: dict, rng: jax.Array, *, pairing: str, ce_weight: float = 0.0,
+               output: str = "classes") -> tuple[dict, dict]:
     """One CMFF step on a batch of (image, label) patches."""
     del rng  # deterministic; the argument keeps the signature of every phase
     state = states["seg"]
     a, b = split_pairs(batch["image"], pairing)
-    target = jax.nn.one_hot(labels_to_classes(batch["label"]), NUM_CLASSES)
+    target = label_targets(batch["label"], output)
 
     def loss_fn(params):
-        return losses.cmff_segmentation_loss(state.apply_fn({"params": params}, a, b), target, ce_weight)
+        return losses.cmff_segmentation_loss(state.apply_fn({"params": params}, a, b), target, ce_weight, output)
 
     (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     return skip_nonfinite(states, {"seg": state.apply_gradients(grads=grads)}, {"loss": loss, **terms}, grads)
@@ -50,5 +51,6 @@ def train_step(states: dict, batch: dict, rng: jax.Array, *, pairing: str, ce_we
 
 def make_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None):
     """The jitted step (states donated), data parallel over ``mesh`` (default: all devices)."""
-    step = functools.partial(train_step, pairing=config.data.pairing, ce_weight=config.cmff.ce_weight)
+    step = functools.partial(train_step, pairing=config.data.pairing, ce_weight=config.cmff.ce_weight,
+                             output=check_output(config.model.get("output", "classes")))
     return sharding.jit_train_step(step, mesh)

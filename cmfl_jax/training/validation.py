@@ -27,7 +27,7 @@ from absl import logging
 from cmfl_jax import checkpoints
 from cmfl_jax.data.cached_subject import uncrop
 from cmfl_jax.inference.sliding_window import cmff_predict_fn, restrict_to_brain, sliding_window
-from cmfl_jax.label_classes import classes_to_labels
+from cmfl_jax.label_classes import probs_to_labels
 from cmfl_jax.metrics import REGIONS, brats_metrics
 from cmfl_jax.models import builder
 from cmfl_jax.postprocess import et_statistics, tune_et_threshold
@@ -59,6 +59,7 @@ class Validator:
         v = config.val
         self.entries = sorted(entries, key=lambda e: e.subject_id)  # the whole held-out fold
         self.subset = self.entries[: v.max_subjects] if v.max_subjects > 0 else self.entries
+        self.output = config.model.get("output", "classes")
         self.predict = cmff_predict_fn(builder.cmff_net(config.model), config.data.pairing, mirror=v.mirror)
         self.best_manager = checkpoints.make_manager(workdir, 1, subdir="best")
         meta = checkpoints.read_meta(self.best_manager)
@@ -81,7 +82,7 @@ class Validator:
         for entry in progress(entries, desc=f"cmff validation (step {step}): subject"):
             image = uncrop(entry.image(), entry)  # the full grid: the tiling and the metrics of the raw volume
             probs = sliding_window(predict, image, window, v.overlap, v.batch_size)
-            pred = restrict_to_brain(classes_to_labels(np.argmax(probs, axis=-1)), image)
+            pred = restrict_to_brain(probs_to_labels(probs, self.output), image)
             label = uncrop(entry.label(), entry)
             per_subject.append({**brats_metrics(pred, label, entry.meta["spacing"]),
                                 "et_stats": et_statistics(pred, label, entry.meta["spacing"])})
