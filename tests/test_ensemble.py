@@ -19,8 +19,10 @@ from configs import predict as predict_config
 
 
 class Fake(VolumePredictor):
-    def __init__(self, channels: int, source: str, normalization: str = "zscore_brain", value: float = 0.25):
+    def __init__(self, channels: int, source: str, normalization: str = "zscore_brain", value: float = 0.25,
+                 output: str = "classes"):
         self.channels, self.source, self.normalization, self.value = channels, source, normalization, value
+        self.output = output
 
     def probabilities(self, image, overlap=0.5, batch_size=1, mirror=False, window=None):
         return np.full((*image.shape[:3], self.channels), self.value, np.float32)
@@ -36,6 +38,12 @@ def test_mismatched_models_are_one_line(tmp_path):
         EnsemblePredictor([Fake(4, "m1"), Fake(3, "m2")]).probabilities(image)
     with pytest.raises(CMFLError, match=r"^config\.model_dir: the models disagree on normalization"):
         EnsemblePredictor([Fake(4, "m1"), Fake(4, "m2", normalization="none")])
+    with pytest.raises(CMFLError, match=r"^config\.model_dir: the models disagree on output \(classes, regions\)"):
+        EnsemblePredictor([Fake(4, "m1"), Fake(3, "m2", output="regions")])
+    regions = EnsemblePredictor([Fake(3, "r1", value=0.4, output="regions"), Fake(3, "r2", value=0.8,
+                                                                                 output="regions")])
+    labels, probs = regions.labels(image)  # mean 0.6 > 0.5 in WT, TC and ET: the nested conversion gives ET
+    assert regions.output == "regions" and np.allclose(probs, 0.6) and set(np.unique(labels)) <= {0, 4}
 
     with pytest.raises(CMFLError, match=r"^config\.model_dir: an ensemble needs at least 2 models"):
         EnsemblePredictor([Fake(4, "m1")])

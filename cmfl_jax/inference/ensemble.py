@@ -24,7 +24,8 @@ from cmfl_jax.inference.stablehlo import VolumePredictor
 
 CV_SUMMARY = "cv_summary.json"  # in a CV workdir: the folds' models and the pooled tuned post-processing
 KEY = "config.model_dir"
-AGREE = ("normalization",)  # what every member must share: the ensemble pre-processes each subject once
+# What every member must share: the ensemble pre-processes each subject once and converts the mean once.
+AGREE = ("output", "normalization")
 
 
 def fold_dir(cv_workdir: str, fold: int) -> str:
@@ -92,15 +93,10 @@ class EnsemblePredictor(VolumePredictor):
                 raise CMFLError(KEY, f"the models disagree on {attr} ({', '.join(map(str, values))}): the models "
                                      "of an ensemble must be trained alike")
         self.members = list(members)
-        self.normalization = members[0].normalization
+        for attr in AGREE:  # the output kind decides how labels() converts the mean
+            setattr(self, attr, getattr(members[0], attr))
         self.sources = [m.source for m in members]
         self.source = self.sources[0]
-
-    def __getattr__(self, name: str):
-        """What else a predictor tells (its output kind, say) is the first member's: the members agree on it."""
-        if name == "members":
-            raise AttributeError(name)
-        return getattr(self.members[0], name)
 
     def probabilities(self, image: np.ndarray, overlap: float = 0.5, batch_size: int = 1, mirror: bool = False,
                       window: tuple[int, ...] | None = None) -> np.ndarray:
