@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 
 def data_config() -> ml_collections.ConfigDict:
@@ -14,7 +15,8 @@ def data_config() -> ml_collections.ConfigDict:
     on fold ``fold``, the demo predicts and scores that fold. ``folds`` <= 1: no validation fold, every
     subject trains (the paper's way). ``file``: a ``split.json`` from ``configs/split.py`` (or a demo
     workdir), whose ids are then used as they are (``folds``, ``fold``, ``seed`` are ignored). Prepare,
-    predict and evaluate take every subject of the root.
+    predict and evaluate take every subject of the root. ``augment``: training-patch augmentation, off in the
+    paper's recipe (:func:`augment_config`).
     """
     return ml_collections.ConfigDict(
         {
@@ -29,11 +31,37 @@ def data_config() -> ml_collections.ConfigDict:
             "synthetic": {"n": 10, "shape": (240, 240, 155), "layout": "brats2018", "seed": 0, "lgg_fraction": 0.25},
             "patch_size": (128, 128, 128),
             "tumour_prob": 1.0,  # probability that a patch centre is a tumour voxel (1.0: the paper)
-            "flip": False,
+            "flip": False,  # random flips of each axis: the same as augment.p_mirror=0.5
+            "augment": augment_config(),
             "num_workers": 0,
             "pairing": "t1-t1ce/t2-flair",  # or "t1-flair/t2-t1ce" (Table 4)
             # subjects dealt into `folds` folds by `seed`, fold `fold` held out; or the ids of a split.json `file`
             "split": {"file": "", "folds": 5, "fold": 0, "seed": 0},
+        }
+    )
+
+
+def augment_config() -> ml_collections.ConfigDict:
+    """``config.data.augment``: each transform's probability per patch and its range (:mod:`cmfl_jax.data.augment`).
+
+    Every probability unset: the preset's (``none``: 0, the paper's recipe, no augmentation; ``nnunet``: mirror
+    0.5 per axis, rotation and scaling 0.2 each, intensity 0.15, gamma 0.3, noise 0.1, blur 0.2). A probability
+    set on the command line wins over the preset's, e.g. ``--config.data.augment.preset=nnunet
+    --config.data.augment.p_rotate=0`` (rotation and scaling cost ~1 s per 128^3 patch on a CPU core).
+    """
+    unset = ("p_mirror", "p_rotate", "p_scale", "p_intensity", "p_gamma", "p_noise", "p_blur")
+    return ml_collections.ConfigDict(
+        {
+            "preset": "none",  # or "nnunet"
+            **{name: placeholder(float) for name in unset},  # one each (a shared one would tie them together)
+            "max_rotate_deg": 30.0,  # each of the 3 angles uniform in +-this
+            "scale_range": (0.7, 1.4),  # > 1 enlarges the anatomy
+            "image_order": 1,  # interpolation of the image when rotated/scaled: 1 linear, 3 cubic (the label: 0)
+            "intensity_scale": (0.75, 1.25),  # per channel, on the brain
+            "intensity_shift": (-0.1, 0.1),  # per channel, on the brain (z-scored units)
+            "gamma_range": (0.7, 1.5),  # per channel, on the brain's values rescaled to [0, 1]
+            "noise_std": (0.0, 0.3),  # Gaussian noise, its standard deviation uniform in this range
+            "blur_sigma": (0.5, 1.0),  # Gaussian blur, sigma (voxels) per channel
         }
     )
 

@@ -12,6 +12,7 @@ the first ``val.max_subjects`` (20) held-out ids, at the last step on the whole 
 Ablations are config values: ``--config.model.branches=A|B|A+B|fusion`` and ``--config.model.attention=
 mask|cbam|none`` (Table 2), ``--config.init.mode=cmft|random|self`` and ``--config.data.pairing`` (Table 4);
 ``--config.model.output=regions`` trains WT/TC/ET sigmoid heads with a region Dice (docs/method.md).
+Data augmentation (not in the paper, off by default): ``--config.data.augment.preset=nnunet`` (docs/data.md).
 """
 
 import ml_collections

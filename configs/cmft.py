@@ -8,6 +8,7 @@ job), ``--config.cmft.objective=self`` (Ours_self), ``--config.data.pairing=t1-f
 CMFT trains only on the training part of ``config.data.split`` (the same setting as CMFF's: 5 folds by seed 0),
 never on CMFF's validation fold; ``--config.data.split.folds=0`` trains on every subject (the paper's way, with no
 validation fold for CMFF either), ``--config.data.split.file=W/split.json`` on the ids of a ``configs/split.py`` split.
+Data augmentation (not in the paper, off by default): ``--config.data.augment.preset=nnunet`` (docs/data.md).
 """
 
 import ml_collections

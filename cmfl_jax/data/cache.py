@@ -36,9 +36,9 @@ from absl import logging
 from cmfl_jax.data.cached_subject import (
     DEFAULT_STORAGE,
     META_FILE,
-    STORAGES,
     TUMOUR_FILE,
     CachedSubject,
+    check_storage,
     write_entry_array,
 )
 from cmfl_jax.data.io import load_subject, read_json
@@ -177,25 +177,6 @@ def _remove_stale(cache_dir: str, subject: Subject, name: str) -> None:
             meta = _read_meta(path)
             if meta is not None and meta.get("sources") == sources:
                 shutil.rmtree(path, ignore_errors=True)
-
-
-def check_storage(storage: str, normalization: str) -> None:
-    """A known storage that can hold the intensities: float16 only after the z-score (raw MRI values reach
-    tens of thousands, where float16's step is 16 or more)."""
-    if storage not in STORAGES:
-        raise CMFLError("config.data.cache_storage", f"unknown value {storage!r}; choose one of auto, "
-                        f"{', '.join(STORAGES)}")
-    if storage == "float16" and normalization != "zscore_brain":
-        raise CMFLError("config.data.cache_storage", f"float16 holds z-scored intensities only, not normalization="
-                        f"{normalization!r}; use blosc2 or npy (or auto)")
-
-
-def storage_for(setting: str, normalization: str) -> str:
-    """``config.data.cache_storage``: "auto" is float16 for z-scored data and lossless blosc2 otherwise."""
-    if setting == "auto":
-        return DEFAULT_STORAGE if normalization == "zscore_brain" else "blosc2"
-    check_storage(setting, normalization)
-    return setting
 
 
 def cache_subject(subject: Subject, cache_dir: str, normalization: str = "zscore_brain",

@@ -79,6 +79,25 @@ class LazyVolume:
         return f"LazyVolume(shape={self.shape}, dtype={self.dtype})"
 
 
+def check_storage(storage: str, normalization: str) -> None:
+    """A known storage that can hold the intensities: float16 only after the z-score (raw MRI values reach
+    tens of thousands, where float16's step is 16 or more)."""
+    if storage not in STORAGES:
+        raise CMFLError("config.data.cache_storage", f"unknown value {storage!r}; choose one of auto, "
+                        f"{', '.join(STORAGES)}")
+    if storage == "float16" and normalization != "zscore_brain":
+        raise CMFLError("config.data.cache_storage", f"float16 holds z-scored intensities only, not normalization="
+                        f"{normalization!r}; use blosc2 or npy (or auto)")
+
+
+def storage_for(setting: str, normalization: str) -> str:
+    """``config.data.cache_storage``: "auto" is float16 for z-scored data and lossless blosc2 otherwise."""
+    if setting == "auto":
+        return DEFAULT_STORAGE if normalization == "zscore_brain" else "blosc2"
+    check_storage(setting, normalization)
+    return setting
+
+
 def write_array(path: str, array: np.ndarray, chunks: tuple[int, ...] | None = None,
                 shuffle: bool | None = None) -> str:
     """Write ``array`` to ``path``: ``.npy`` as it is, ``.b2nd`` compressed; returns the path.

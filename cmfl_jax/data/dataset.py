@@ -14,8 +14,8 @@ from cmfl_jax.data.cache import (
     default_cache_dir,
     estimate_line,
     preprocessed_dir,
-    storage_for,
 )
+from cmfl_jax.data.cached_subject import storage_for
 from cmfl_jax.data.layouts import discover
 from cmfl_jax.data.phantom import LGG_FRACTION
 from cmfl_jax.data.splits import apply_split

@@ -7,16 +7,18 @@ centred exactly on that voxel; whatever falls outside the volume is zero (backgr
 z-scoring), which also pads volumes smaller than the patch. With several hosts each takes every
 ``shard_count``-th patch of that one stream (``shard``), so the hosts together see what one host would.
 The iterator's state (``get_state``/``set_state``) goes into checkpoints, so a resumed run continues
-the same sequence of patches.
+the same sequence of patches. Augmentation (``config.data.augment``, :mod:`cmfl_jax.data.augment`) is off in
+the paper's recipe; when on it draws from the same per-element ``rng``, so it resumes too.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import grain
 import numpy as np
 
+from cmfl_jax.data.augment import apply_voxelwise, resolve_augment, turned_patch
 from cmfl_jax.data.cached_subject import CachedSubject
 from cmfl_jax.errors import CMFLError
 
@@ -41,12 +43,17 @@ def crop_centered(volume: np.ndarray, centre: Sequence[int], size: Sequence[int]
 
 
 class PatchSampler(grain.transforms.RandomMap):
-    """Cut one random patch (image, label, centre) out of a cached subject."""
+    """Cut one random patch (image, label, centre) out of a cached subject, augmented as ``augment`` says.
 
-    def __init__(self, patch_size: Sequence[int], tumour_prob: float = 1.0, flip: bool = False):
+    ``augment`` is ``config.data.augment`` (:func:`cmfl_jax.data.augment.resolve_augment`); ``flip`` is the older
+    switch for mirroring, ``p_mirror=0.5``.
+    """
+
+    def __init__(self, patch_size: Sequence[int], tumour_prob: float = 1.0, flip: bool = False,
+                 augment: Mapping | None = None):
         self.patch_size = tuple(int(p) for p in patch_size)
         self.tumour_prob = float(tumour_prob)
-        self.flip = bool(flip)
+        self.augment = resolve_augment(augment, flip)
 
     def _centre(self, entry: CachedSubject, rng: np.random.Generator) -> np.ndarray:
         tumour = entry.tumour_index() if entry.has_label else None
@@ -55,20 +62,29 @@ class PatchSampler(grain.transforms.RandomMap):
         box = entry.meta["brain_bbox"] or [[0, n] for n in entry.shape]
         return np.array([rng.integers(lo, hi) for lo, hi in box])
 
+    def _crop(self, volume, centre: np.ndarray, matrix: np.ndarray | None, order: int) -> np.ndarray:
+        """The patch of ``volume`` at ``centre``; with ``matrix``, turned around it (a window resampled)."""
+        if matrix is None:
+            return crop_centered(volume, centre, self.patch_size)
+        return turned_patch(volume, centre, matrix, self.patch_size, order)
+
     def random_map(self, element: tuple[int, CachedSubject], rng: np.random.Generator) -> dict:
         index, entry = element
         centre = self._centre(entry, rng)
-        image = crop_centered(entry.stored_image(), centre, self.patch_size)
+        # Drawn after the centre and only when on: with augmentation off the stream is the plain one. Off, the image is
+        # read as stored (float16 by default; the steps cast on the device); on, as float32, which the transforms need.
+        volume = entry.image() if self.augment.on else entry.stored_image()
+        draws = self.augment.draw(rng, volume.shape[-1]) if self.augment.on else {}
+        matrix = draws.get("matrix")
+        image = self._crop(volume, centre, matrix, self.augment.image_order)
         if entry.has_label:
-            label = crop_centered(entry.label(), centre, self.patch_size)
+            label = self._crop(entry.label(), centre, matrix, 0)
         else:
             label = np.zeros(self.patch_size, np.uint8)
-        if self.flip:
-            axes = tuple(a for a in range(3) if rng.random() < 0.5)
-            if axes:
-                image, label = np.flip(image, axes).copy(), np.flip(label, axes).copy()
+        if draws:
+            image, label = apply_voxelwise(draws, image, label)
         return {
-            "image": image,  # (P, P, P, 4) as the cache stores it: float16 (default) or float32
+            "image": image,  # (P, P, P, 4) as the cache stores it (float16 by default); float32 with augmentation
             "label": label,  # (P, P, P) uint8, 0/1/2/4
             "subject_index": np.int32(index),
             "centre": centre.astype(np.int32),
@@ -84,11 +100,13 @@ def patch_dataset(
     flip: bool = False,
     num_workers: int = 0,
     shard: grain.sharding.ShardOptions | None = None,
+    augment: Mapping | None = None,
 ) -> grain.IterDataset:
     """An endless, seeded ``IterDataset`` of batched patches (leading batch axis on every field).
 
     ``shard`` (e.g. ``grain.sharding.ShardByJaxProcess()``) keeps this host's elements: the patch stream is
-    sliced after the random crop, so each patch is the same whichever host draws it.
+    sliced after the random crop, so each patch is the same whichever host draws it. ``augment``:
+    ``config.data.augment`` (None: no augmentation), checked here.
     """
     if not entries:
         raise CMFLError(None, "no subjects to sample patches from")
@@ -98,13 +116,14 @@ def patch_dataset(
         raise CMFLError("config.train.batch_size", f"must be at least 1, got {batch_size}")
     if not 0.0 <= tumour_prob <= 1.0:
         raise CMFLError("config.data.tumour_prob", f"must lie in [0, 1], got {tumour_prob}")
+    sampler = PatchSampler(patch_size, tumour_prob, flip, augment)
     source = list(enumerate(entries))
     ds = (
         grain.MapDataset.source(source)
         .seed(seed)
         .shuffle()
         .repeat()
-        .random_map(PatchSampler(patch_size, tumour_prob, flip))
+        .random_map(sampler)
     )
     if shard is not None and shard.shard_count > 1:
         ds = ds[shard.shard_index :: shard.shard_count]

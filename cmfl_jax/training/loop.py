@@ -35,7 +35,8 @@ def training_patches(config: ml_collections.ConfigDict, entries: list):
     d = config.data
     return patch_dataset(entries, d.patch_size, seed=config.seed,
                          batch_size=sharding.host_batch_size(config.train.batch_size), tumour_prob=d.tumour_prob,
-                         flip=d.flip, num_workers=d.num_workers, shard=sharding.data_shard(config))
+                         flip=d.flip, num_workers=d.num_workers, shard=sharding.data_shard(config),
+                         augment=d.augment)
 
 
 def device_batch(batch: dict, keys: tuple[str, ...] = ("image",)) -> dict:
