@@ -9,7 +9,8 @@ The method's flow, one job per step, each driven by its config file (``config.jo
       -> predict: whole volumes to NIfTI                        configs/predict.py   (model_dir=CMFF or bundle)
       -> evaluate: BraTS metrics against the labels             configs/evaluate.py  (predictions=...)
       -> export: a bundle (params + StableHLO)                  configs/export.py    (model_dir=CMFF workdir)
-    configs/demo.py chains them all on one data root and prints one summary.
+    configs/demo.py chains them all on one data root and prints one summary; configs/cv.py runs CMFT -> CMFF
+    once per fold, scores each fold out of fold, and its workdir then predicts as a fold ensemble.
 
 Any config value can be overridden (``--config.train.steps=200``). Bad input prints one line on stderr and
 exits with status 2 (:mod:`cmfl_jax.cli_errors`); ``--verbose`` shows the traceback.

@@ -14,6 +14,10 @@ With a bundle (configs/export.py) as ``model_dir``, ``--config.use_stablehlo=tru
 function (JAX alone, no model code) instead of rebuilding the Flax model. A re-run skips the subjects whose
 outputs exist (``--config.overwrite=true`` redoes them). The BraTS post-processing tuned on the CMFF validation fold
 is applied by default (``--config.postprocess.et_min_mm3=0`` switches it off).
+
+A fold ensemble: ``--config.model_dir=runs/cv`` (a ``configs/cv.py`` workdir: every fold's CMFF ``best/``, its
+threshold tuned on the pooled out-of-fold predictions) or ``--config.model_dir=runs/a,runs/b`` (any CMFF runs or
+bundles that predict the same outputs; the mean of their probabilities, then labels once).
 """
 
 import ml_collections
@@ -24,7 +28,9 @@ from cmfl_jax.config_defaults import data_config
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.job = "predict"
-    config.model_dir = ""  # workdir of a CMFF run (configs/cmff.py), or a bundle from configs/export.py
+    # workdir of a CMFF run (configs/cmff.py) or a bundle (configs/export.py); several, comma-separated, or a CV
+    # workdir (configs/cv.py): an ensemble, their probabilities averaged
+    config.model_dir = ""
     config.checkpoint = "best"  # of a workdir: "best" (highest validation mean Dice) | "final" | "latest"
     config.use_stablehlo = False  # with a bundle: run its StableHLO window function, not the rebuilt Flax model
     config.data = data_config()
@@ -40,7 +46,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.save_probabilities = False  # also write <subject>_probabilities.nii.gz (float32, 4 classes)
     config.overlays = False  # also write <workdir>/overlays/<subject>.png: 3 planes, prediction (and label) over FLAIR
     # BraTS post-processing (cmfl_jax.postprocess): ET under et_min_mm3 becomes NCR/NET; -1: the threshold the CMFF
-    # validation tuned (kept in the checkpoint and the bundle), or 500 mm³ when it has none; 0: off.
+    # validation tuned (kept in the checkpoint and the bundle; for an ensemble its CV run's pooled one), or 500 mm³
+    # when it has none; 0: off.
     config.postprocess = ml_collections.ConfigDict({"et_min_mm3": -1.0, "wt_min_mm3": 0.0})
     if arg:
         raise ValueError(f"unknown variant {arg!r} of configs/predict.py (none defined)")

@@ -134,10 +134,10 @@ def demo_config(size: str) -> ml_collections.ConfigDict:
 
 def _train(name: str, config: ml_collections.ConfigDict, workdir: str, what: str) -> dict:
     """Train ``config`` with the job ``name`` unless finished; ``{"seconds", "reused"}`` (seconds of its training)."""
-    from cmfl_jax.jobs import demo
+    from cmfl_jax import stage_runner
 
     record = os.path.join(workdir, "ablation_run.json")
-    if demo.finished(name, config, workdir):
+    if stage_runner.finished(name, config, workdir):
         seconds = None  # finished by something else than this script
         if os.path.exists(record):
             with open(record) as f:
@@ -145,8 +145,8 @@ def _train(name: str, config: ml_collections.ConfigDict, workdir: str, what: str
         return {"seconds": seconds, "reused": True}
     log(f"{what}: training {config.train.steps} steps in {workdir}")
     start = time.perf_counter()
-    demo.run_stage(name, config, workdir)
-    if not demo.finished(name, config, workdir):
+    stage_runner.run_stage(name, config, workdir)
+    if not stage_runner.finished(name, config, workdir):
         raise SystemExit(f"{workdir}: stopped before its last step; run the same command to resume")
     seconds = time.perf_counter() - start
     with open(record, "w") as f:

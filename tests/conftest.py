@@ -74,7 +74,7 @@ def write_tiny_dataset(root, n: int = 3, layout: str = "brats2018") -> list[Subj
 # The longest files first: pytest-xdist (``-n 2 --dist loadfile``, the README's test command) hands whole
 # files to the workers in collection order, so a long file collected last would run alone at the end.
 LONGEST_FIRST = (
-    "test_notebook", "test_multiprocess", "test_determinism", "test_cmft", "test_cmff_train", "test_split",
+    "test_notebook", "test_multiprocess", "test_determinism", "test_cv", "test_cmft", "test_cmff_train", "test_split",
     "test_crash_resume", "test_cli", "test_predict", "test_sharding", "test_demo", "test_device_check",
     "test_bad_inputs", "test_bundle_anywhere", "test_lowering", "test_preemption", "test_ablations", "test_nan_guard",
     "test_disk_errors",

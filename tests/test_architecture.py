@@ -94,7 +94,7 @@ def test_the_graph_is_read_from_the_code():
     assert "cmfl_jax.models.builder" in GRAPH["cmfl_jax.inference.predictor"]
     assert "cmfl_jax.jobs" in GRAPH["cmfl_jax.main"]
     assert {"numpy", "scipy"} <= OUTSIDE["cmfl_jax.metrics"]
-    assert len([m for m in GRAPH if is_job(m)]) == 8
+    assert len([m for m in GRAPH if is_job(m)]) == 9
 
 
 def test_cycle_finder_finds_a_cycle():
@@ -111,9 +111,10 @@ def test_no_job_imports_another_job():
     assert edges == []
 
 
-def test_only_main_and_the_demo_use_the_job_registry_and_nothing_imports_main():
+def test_only_main_the_demo_and_the_stage_runner_use_the_job_registry_and_nothing_imports_main():
+    """The demo and the CV job run other jobs as stages only through the stage runner (or the registry)."""
     users = sorted(m for m, deps in GRAPH.items() if "cmfl_jax.jobs" in deps or any(is_job(d) for d in deps))
-    assert users == ["cmfl_jax.jobs.demo", "cmfl_jax.main"]
+    assert users == ["cmfl_jax.jobs.demo", "cmfl_jax.main", "cmfl_jax.stage_runner"]
     assert [m for m, deps in GRAPH.items() if "cmfl_jax.main" in deps] == []
 
 

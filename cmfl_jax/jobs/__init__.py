@@ -1,7 +1,8 @@
 """The jobs a config can name (``config.job``), one module each with ``run(config, workdir)``.
 
-The one registry of jobs: ``cmfl_jax.main`` dispatches on it and the demo runs its stages through it,
-so no job imports another. Modules are named, not imported, so each job loads only what it needs.
+The one registry of jobs: ``cmfl_jax.main`` dispatches on it and the demo and the CV job run their stages through
+it (:mod:`cmfl_jax.stage_runner`), so no job imports another. Modules are named, not imported, so each job loads
+only what it needs.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ JOBS = {
     "evaluate": "cmfl_jax.jobs.evaluate",
     "export": "cmfl_jax.jobs.export",
     "demo": "cmfl_jax.jobs.demo",
+    "cv": "cmfl_jax.jobs.cv",
 }
 # The method's flow, in order: what the demo chains (each stage with its own config file).
 PIPELINE = ("cmft", "cmff", "predict", "evaluate", "export")

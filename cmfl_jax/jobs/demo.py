@@ -14,9 +14,7 @@ after one that ran is redone. The job ends with one summary on stdout, also writ
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
 import json
 import os
 import time
@@ -24,18 +22,18 @@ import time
 import ml_collections
 from absl import logging
 
-from cmfl_jax import checkpoints, runtime
-from cmfl_jax.config_defaults import model_config
+from cmfl_jax import checkpoints
 from cmfl_jax.data import splits
 from cmfl_jax.data.dataset import resolve_root, split_of
-from cmfl_jax.data.io import atomic_path, read_json
+from cmfl_jax.data.io import atomic_path
 from cmfl_jax.data.subject import Subject
 from cmfl_jax.errors import CMFLError
-from cmfl_jax.jobs import PIPELINE, job_module
+from cmfl_jax.jobs import PIPELINE
 from cmfl_jax.run_log import format_seconds
+from cmfl_jax.stage_runner import run_stages, training_stages
 
 STAGES = PIPELINE  # each stage is the job of that name, run through the registry
-MARKER = "demo_stage.json"
+MARKER = "demo_stage.json"  # in each stage's folder: the config and split of its last finished run
 
 
 def write_split(config: ml_collections.ConfigDict, workdir: str
@@ -63,19 +61,11 @@ def stage_configs(config: ml_collections.ConfigDict, workdir: str, paths: dict[s
     and evaluate read only the held-out subjects (``paths["validation"]`` as their data root).
     """
     dirs = {name: os.path.join(workdir, name) for name in STAGES}
-    out = {}
-    for name in STAGES:
+    out = training_stages(config, paths["split"], dirs["cmft"])
+    for name in (n for n in STAGES if n not in out):
         stage = copy.deepcopy(config[name])
         stage.unlock()
         out[name] = stage
-    for name in ("cmft", "cmff"):
-        out[name].seed = config.seed
-        out[name].data = copy.deepcopy(config.data)
-        out[name].data.split.file = paths["split"]
-    # CMFT's U-Net is the shared one; the CMFF variant keys (branches, attention) are CMFF's alone.
-    out["cmft"].model = ml_collections.ConfigDict({k: config.model[k] for k in model_config()})
-    out["cmff"].model = copy.deepcopy(config.model)
-    out["cmff"].init.cmft_workdir = dirs["cmft"]
     for name in ("predict", "evaluate"):
         out[name].data = copy.deepcopy(config.data)
         out[name].data.root = paths["validation"]
@@ -84,61 +74,6 @@ def stage_configs(config: ml_collections.ConfigDict, workdir: str, paths: dict[s
     out["evaluate"].predictions = os.path.join(dirs["predict"], "predictions")
     out["export"].model_dir = dirs["cmff"]
     return out
-
-
-def finished(name: str, stage: ml_collections.ConfigDict, stage_dir: str) -> bool:
-    """False when a training stage stopped early (SIGTERM/SIGINT: it saved its step and returned)."""
-    if name == "cmft":
-        return (checkpoints.latest_step(stage_dir) or 0) >= stage.train.steps
-    if name == "cmff":
-        return (checkpoints.latest_step(stage_dir, "final") or 0) >= stage.train.steps
-    return True
-
-
-def run_stage(name: str, stage: ml_collections.ConfigDict, stage_dir: str) -> None:
-    """The job's own ``run`` with its ``config.json`` (as the CLI writes it: CMFF and predict read it back);
-    what the job prints goes to the log, so the demo's summary is the one block on stdout."""
-    module = job_module(name)
-    runtime.write_config(stage, stage_dir)
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        module.run(stage, stage_dir)
-    for line in printed.getvalue().splitlines():
-        logging.info("%s: %s", name, line)
-
-
-def _write_json(path: str, text: str) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w") as f:
-        f.write(text + "\n")
-
-
-def run_stages(stages: dict[str, ml_collections.ConfigDict], workdir: str, split: str = ""
-               ) -> dict[str, dict] | None:
-    """Run (or reuse) the stages in order; ``{stage: {"seconds", "reused"}}``, or None if training was stopped.
-
-    A stage is reused when its config and ``split`` (the split's ids, which its config names only by file) are
-    those of its last finished run.
-    """
-    report, upstream_ran = {}, False
-    for name in STAGES:
-        stage_dir = os.path.join(workdir, name)
-        key = stages[name].to_json_best_effort(sort_keys=True)
-        marker = read_json(os.path.join(stage_dir, MARKER))
-        if not upstream_ran and marker is not None and marker.get("config") == key and marker.get("split") == split:
-            logging.info("demo: %s finished before with this config, reused (%s)", name, stage_dir)
-            report[name] = {"seconds": marker.get("seconds", 0.0), "reused": True}
-            continue
-        logging.info("demo: stage %s -> %s", name, stage_dir)
-        start = time.perf_counter()
-        run_stage(name, stages[name], stage_dir)
-        if not finished(name, stages[name], stage_dir):
-            logging.info("demo: %s stopped before its last step; run the same command to resume", name)
-            return None
-        seconds = time.perf_counter() - start
-        _write_json(os.path.join(stage_dir, MARKER), json.dumps({"config": key, "split": split, "seconds": seconds}))
-        report[name] = {"seconds": seconds, "reused": False}
-        upstream_ran = True
-    return report
 
 
 def summary_text(config: ml_collections.ConfigDict, workdir: str, stages: dict[str, ml_collections.ConfigDict],
@@ -192,7 +127,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     stages = stage_configs(config, workdir, paths)
     split = json.dumps({"train": sorted(s.subject_id for s in train),
                         "validation": sorted(s.subject_id for s in held_out)}, sort_keys=True)  # as split.json lists
-    report = run_stages(stages, workdir, split)
+    report = run_stages(stages, workdir, split, STAGES, MARKER, "demo")
     if report is None:
         return
     text = summary_text(config, workdir, stages, report, len(train), held_out, time.perf_counter() - start)

@@ -7,8 +7,10 @@ the run's ``config.json`` with the params of ``best/``, ``final/``, ``checkpoint
 and this path imports no model code. Each subject is read and checked as in training, z-scored, predicted whole
 by sliding windows (:func:`cmfl_jax.inference.sliding_window`), set to background outside the brain, and written
 as ``<subject_id>.nii.gz`` with the input's affine and header in the dataset's own label convention (ET = 4, or 3
-for BraTS 2023+), atomically. A re-run skips the subjects whose outputs are all there (resumable; ``overwrite``
-redoes them).
+for BraTS 2023+), atomically. Several models (``config.model_dir`` a comma-separated list, or a CV workdir for its
+folds' CMFF runs) predict as one ensemble: the mean of their probabilities (:mod:`cmfl_jax.inference.ensemble`),
+post-processed with the CV run's pooled tuned threshold. A re-run skips the subjects whose outputs are all there
+(resumable; ``overwrite`` redoes them).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from cmfl_jax.data.dataset import resolve_root
 from cmfl_jax.data.io import load_subject, write_nifti
 from cmfl_jax.data.layouts import MODALITIES, Subject, discover, to_dataset
 from cmfl_jax.errors import CMFLError
+from cmfl_jax.inference.ensemble import EnsemblePredictor, model_dirs
 from cmfl_jax.inference.stablehlo import BUNDLE_FILE, load_stablehlo_predictor, read_bundle_info
 from cmfl_jax.postprocess import postprocess, resolve_et_threshold
 from cmfl_jax.previews import save_orthogonal_png
@@ -63,25 +66,38 @@ def _subjects(config: ml_collections.ConfigDict) -> list[Subject]:
     return discover(resolve_root(config.data), require_labels=False)
 
 
-def _load_predictor(config: ml_collections.ConfigDict):
+def _load_one(config: ml_collections.ConfigDict, model_dir: str):
     if config.use_stablehlo:
-        if not os.path.isfile(os.path.join(config.model_dir, BUNDLE_FILE)):
-            raise CMFLError(config.model_dir, f"config.use_stablehlo needs a bundle (configs/export.py) as "
-                                              f"config.model_dir; this has no {BUNDLE_FILE}")
-        return load_stablehlo_predictor(config.model_dir)
+        if not os.path.isfile(os.path.join(model_dir, BUNDLE_FILE)):
+            raise CMFLError(model_dir, f"config.use_stablehlo needs a bundle (configs/export.py) as "
+                                       f"config.model_dir; this has no {BUNDLE_FILE}")
+        return load_stablehlo_predictor(model_dir)
     from cmfl_jax.inference.predictor import load_predictor  # here only: the StableHLO path builds no Flax model
 
-    return load_predictor(config.model_dir, config.checkpoint)
+    return load_predictor(model_dir, config.checkpoint)
 
 
-def _tuned_et_threshold(config: ml_collections.ConfigDict) -> float | None:
-    """The ET threshold the model's CMFF validation tuned (bundle.json or the checkpoint's meta), if any."""
-    if os.path.isfile(os.path.join(config.model_dir, BUNDLE_FILE)):
-        return (read_bundle_info(config.model_dir).get("postprocess") or {}).get("et_min_mm3")
+def _load_predictor(config: ml_collections.ConfigDict, dirs: list[str]):
+    """The one model's predictor, or the ensemble of several (:mod:`cmfl_jax.inference.ensemble`)."""
+    if len(dirs) == 1:
+        return _load_one(config, dirs[0])
+    logging.info("predict: an ensemble of %d models, their probabilities averaged", len(dirs))
+    return EnsemblePredictor([_load_one(config, d) for d in dirs])
+
+
+def _tuned_et_threshold(config: ml_collections.ConfigDict, dirs: list[str], cv: dict | None) -> float | None:
+    """The ET threshold tuned for these models: a CV run's, pooled over its out-of-fold predictions; else the one
+    model's CMFF validation's (bundle.json or the checkpoint's meta); none for an ensemble of other models."""
+    if cv is not None:
+        return (cv.get("postprocess") or {}).get("et_min_mm3")
+    if len(dirs) > 1:
+        return None
+    if os.path.isfile(os.path.join(dirs[0], BUNDLE_FILE)):
+        return (read_bundle_info(dirs[0]).get("postprocess") or {}).get("et_min_mm3")
     from cmfl_jax import checkpoints
     from cmfl_jax.inference.predictor import CHECKPOINT_DIRS
 
-    meta = checkpoints.latest_meta(config.model_dir, CHECKPOINT_DIRS.get(config.checkpoint, "best")) or {}
+    meta = checkpoints.latest_meta(dirs[0], CHECKPOINT_DIRS.get(config.checkpoint, "best")) or {}
     return (meta.get("postprocess") or {}).get("et_min_mm3")
 
 
@@ -106,21 +122,21 @@ def _up_to_date(outputs: list[str], subject: Subject, model_time: float) -> bool
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
-    if not config.model_dir:
-        raise CMFLError("config.model_dir", "is empty: give the workdir of a CMFF run (configs/cmff.py) or a bundle "
-                                            "(configs/export.py)")
+    dirs, cv = model_dirs(config.model_dir)
     subjects = _subjects(config)  # before the model: cheap
-    predictor = _load_predictor(config)
+    predictor = _load_predictor(config, dirs)
     out_dir = config.out_dir or os.path.join(workdir, "predictions")
     os.makedirs(out_dir, exist_ok=True)
-    tuned = _tuned_et_threshold(config)
+    tuned = _tuned_et_threshold(config, dirs, cv)
     et_min = resolve_et_threshold(config.postprocess.et_min_mm3, tuned)
     wt_min = float(config.postprocess.wt_min_mm3)
-    logging.info("predict: post-processing: enhancing tumour under %g mm³ becomes NCR/NET (%s); whole-tumour "
-                 "components under %g mm³ removed", et_min, "off" if et_min == 0 else "config.postprocess" if
-                 config.postprocess.et_min_mm3 >= 0 else "tuned on the validation fold" if tuned is not None
-                 else "the default, the model has no tuned value", wt_min)
-    model_time = _mtime(predictor.source)
+    how = ("config.postprocess" if config.postprocess.et_min_mm3 >= 0
+           else "the default, no tuned value for these models" if tuned is None
+           else "tuned on the CV run's pooled out-of-fold predictions" if cv is not None
+           else "tuned on the validation fold")
+    logging.info("predict: post-processing: enhancing tumour under %g mm³ becomes NCR/NET (%s%s); whole-tumour "
+                 "components under %g mm³ removed", et_min, "off: " if et_min == 0 else "", how, wt_min)
+    model_time = max(_mtime(source) for source in getattr(predictor, "sources", [predictor.source]))
     todo = [s for s in subjects
             if config.overwrite or not _up_to_date(_outputs(out_dir, s, config.save_probabilities), s, model_time)]
     if len(todo) < len(subjects):
