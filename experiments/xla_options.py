@@ -38,7 +38,7 @@ DEFAULT_OUT = os.path.join("experiments", "results", "xla_options.json")
 CANDIDATES = {
     "defaults": {},
     "no YNNPACK": {"xla_cpu_experimental_ynn_fusion_type": ""},
-    "YNNPACK dots only": {"xla_cpu_experimental_ynn_fusion_type": "individual_dot"},
+    "YNNPACK dots only": {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"},
 }
 SEED = 0
 
