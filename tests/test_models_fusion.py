@@ -119,3 +119,24 @@ def test_a_plus_b_averages_softmax_and_probs_sum_to_one():
     expected = 0.5 * (jax.nn.softmax(out["logits_a"]) + jax.nn.softmax(out["logits_b"]))
     np.testing.assert_allclose(out["probs"], expected, rtol=1e-6)
     np.testing.assert_allclose(out["probs"].sum(-1), 1.0, rtol=1e-5)
+
+
+def test_fusion_loss_reaches_the_branches_through_masks_and_features():
+    """S_F's output depends on S_A's params along two paths, the fused features and (with "mask") the predicted
+    masks: its gradient reaches S_A's head only through the mask m_A = 1 - p_A[background], so the head's gradient
+    is zero with attention "none" and not with "mask" (docs/method.md, "Loss")."""
+    x = jax.random.normal(jax.random.key(3), (1, 8, 8, 8, 2))
+
+    def head_and_body_grads(attention):
+        net = CMFFNet(attention=attention, base=4, depth=1, conv_impl="native")
+        params = net.init(jax.random.key(0), x, x)["params"]
+        grads = jax.grad(lambda p: jnp.sum(net.apply({"params": p}, x, x)["logits_f"] ** 2))(params)
+        head = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grads["S_A"]["head"]))
+        body = max(float(jnp.max(jnp.abs(g))) for k, v in grads["S_A"].items() if k != "head"
+                   for g in jax.tree.leaves(v))
+        return head, body
+
+    head_none, body_none = head_and_body_grads("none")
+    head_mask, body_mask = head_and_body_grads("mask")
+    assert head_none == 0.0 and body_none > 0.0  # features only
+    assert head_mask > 0.0 and body_mask > 0.0  # and the mask
