@@ -40,7 +40,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.et_label = 4  # enhancing-tumour value written for config.case (4; 3 for BraTS 2023+ conventions)
     config.out_dir = ""  # "" -> <workdir>/predictions
     config.overwrite = False  # False: skip subjects whose outputs (label map, probabilities if saved) exist
-    config.overlap = 0.5  # sliding-window overlap; the window is the run's training patch size
+    config.overlap = 0.5  # sliding-window overlap
+    # the window: "" the run's training patch; "whole" the volume in one window (fewer, larger windows: faster, but
+    # the instance norms see other statistics than in training; docs/performance.md); "D,H,W" explicit edges
+    config.window = ""
     config.batch_size = 1  # windows per network call (any number with a bundle's symbolic-batch StableHLO)
     config.mirror = False  # test-time mirroring over the 8 flips (8x the time)
     config.save_probabilities = False  # also write <subject>_probabilities.nii.gz (float32, 4 classes)

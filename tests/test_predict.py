@@ -254,3 +254,44 @@ def test_tumour_centre_is_the_centre_of_mass():
     mask[2:5, 6:9, 10:14] = True
     assert tumour_centre(mask, mask.shape) == (3, 7, 12)  # 11.5 rounds to the even 12
     assert tumour_centre(np.zeros_like(mask), mask.shape) == (5, 6, 7)
+
+
+def test_choose_window():
+    from cmfl_jax.inference.sliding_window import choose_window
+
+    assert choose_window("", (16, 16, 16), (20, 22, 24), 4) == (16, 16, 16)
+    assert choose_window("whole", (16, 16, 16), (20, 22, 24), 4) == (20, 24, 24)
+    assert choose_window("whole", (16, 16, 16), (240, 240, 155), 16) == (240, 240, 160)
+    assert choose_window("32,16,48", (16, 16, 16), (20, 22, 24), 16) == (32, 16, 48)
+    for bad in ("30,32,32", "32,32", "big", "0,16,16"):
+        with pytest.raises(CMFLError, match=r"config\.window: must be") as e:
+            choose_window(bad, (16, 16, 16), (20, 22, 24), 16)
+        assert bad in str(e.value)
+
+
+def test_whole_volume_window_is_one_network_call(tmp_path, cmff_workdir):
+    """--config.window=whole: the probabilities are the network's on the volume zero-padded (centred) to a multiple
+    of 2^depth, in one call, cropped back; computed here directly from the Flax model."""
+    workdir, _ = cmff_workdir
+    (subject,) = write_tiny_dataset(tmp_path / "data", n=1)
+    config = predict_config.get_config()
+    config.model_dir, config.checkpoint = str(workdir), "final"
+    config.data.root = str(tmp_path / "data")
+    config.window, config.save_probabilities, config.postprocess.et_min_mm3 = "whole", True, 0.0
+    run(config, str(tmp_path / "out"))
+    written = np.asarray(nib.load(tmp_path / "out" / "predictions" / f"{subject.subject_id}_probabilities.nii.gz")
+                         .dataobj)
+    predictor = load_workdir(str(workdir), "final")
+    image = predictor.model_input(load_subject(subject, with_label=False))
+    m = predictor.multiple
+    edges = [-(-s // m) * m for s in image.shape[:3]]
+    before = [(e - s) // 2 for e, s in zip(edges, image.shape[:3], strict=True)]
+    padded = np.pad(image, [(b, e - s - b) for b, e, s in zip(before, edges, image.shape[:3], strict=True)] + [(0, 0)])
+    a, b = padded[None, ..., :2], padded[None, ..., 2:]  # pairs (T1, T1c) and (T2, FLAIR)
+    probs = np.asarray(predictor.model.apply({"params": predictor.params}, a, b)["probs"])[0]
+    window = tuple(slice(o, o + s) for o, s in zip(before, image.shape[:3], strict=True))
+    np.testing.assert_allclose(written, probs[window], rtol=1e-5, atol=1e-6)
+    assert tuple(edges) != predictor.window  # not the training patch's tiling
+    with pytest.raises(CMFLError, match=r"config\.window"):
+        config.window, config.overwrite = "7,7,7", True
+        run(config, str(tmp_path / "out2"))

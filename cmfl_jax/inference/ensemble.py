@@ -95,6 +95,7 @@ class EnsemblePredictor(VolumePredictor):
         self.members = list(members)
         for attr in AGREE:  # the output kind decides how labels() converts the mean
             setattr(self, attr, getattr(members[0], attr))
+        self.multiple = max(getattr(m, "multiple", 1) for m in members)  # powers of two: the largest serves all
         self.sources = [m.source for m in members]
         self.source = self.sources[0]
 

@@ -46,6 +46,11 @@ class Predictor(VolumePredictor):
     source: str
     output: str = "classes"
 
+    @property
+    def multiple(self) -> int:
+        """What every window edge must divide by: the U-Net's 2^depth."""
+        return 2 ** int(self.model.depth)
+
     def probabilities(self, image: np.ndarray, overlap: float = 0.5, batch_size: int = 1, mirror: bool = False,
                       window: tuple[int, ...] | None = None) -> np.ndarray:
         """Class (or region) probabilities ``(D, H, W, K)`` of a pre-processed ``(D, H, W, 4)`` volume."""

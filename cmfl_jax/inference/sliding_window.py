@@ -19,6 +19,7 @@ import numpy as np
 
 from cmfl_jax.compiler_options import compiler_options
 from cmfl_jax.data.pairs import split_pairs
+from cmfl_jax.errors import CMFLError
 
 Predict = Callable[[np.ndarray], np.ndarray]
 
@@ -63,6 +64,26 @@ def mirrored(predict: Predict) -> Predict:
         return total / np.float32(len(FLIPS))
 
     return predict_mirrored
+
+
+def choose_window(setting: str, trained: Sequence[int], shape: Sequence[int], multiple: int) -> tuple[int, ...]:
+    """The window of ``config.window``: "" the training patch ``trained``; "whole" the volume ``shape`` in one
+    window, each edge rounded up to a multiple of ``multiple`` (the U-Net's 2^depth); "D,H,W" those edges.
+
+    The network is fully convolutional: fewer, larger windows do less redundant work, but its instance norms then
+    see other statistics than in training, so the quality must be measured (docs/performance.md)."""
+    if not setting:
+        return tuple(int(w) for w in trained)
+    if setting == "whole":
+        return tuple(-(-int(s) // multiple) * multiple for s in shape)
+    try:
+        window = tuple(int(w) for w in setting.split(","))
+    except ValueError:
+        window = ()
+    if len(window) != 3 or min(window) < 1 or any(w % multiple for w in window):
+        raise CMFLError("config.window", f"must be '', 'whole' or 3 comma-separated edges that are multiples of "
+                                         f"{multiple}, got {setting!r}")
+    return window
 
 
 def sliding_window(predict: Predict, image: np.ndarray, window: Sequence[int], overlap: float = 0.5,

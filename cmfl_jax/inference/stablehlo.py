@@ -48,10 +48,11 @@ class VolumePredictor:
         in training."""
         return np.moveaxis(preprocess_images(loaded.images, self.normalization), 0, -1)
 
-    def labels(self, image: np.ndarray, overlap: float = 0.5, batch_size: int = 1, mirror: bool = False
-               ) -> tuple[np.ndarray, np.ndarray]:
-        """(internal 0/1/2/4 label map, class or region probabilities) of a pre-processed volume."""
-        probs = self.probabilities(image, overlap, batch_size, mirror)
+    def labels(self, image: np.ndarray, overlap: float = 0.5, batch_size: int = 1, mirror: bool = False,
+               window: tuple[int, ...] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(internal 0/1/2/4 label map, class or region probabilities) of a pre-processed volume; ``window``
+        replaces the training patch as the sliding window (``sliding_window.choose_window``)."""
+        probs = self.probabilities(image, overlap, batch_size, mirror, window)
         return restrict_to_brain(probs_to_labels(probs, self.output), image), probs
 
 

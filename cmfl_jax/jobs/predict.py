@@ -29,6 +29,7 @@ from cmfl_jax.data.io import load_subject, write_nifti
 from cmfl_jax.data.layouts import MODALITIES, Subject, discover, to_dataset
 from cmfl_jax.errors import CMFLError
 from cmfl_jax.inference.ensemble import EnsemblePredictor, model_dirs
+from cmfl_jax.inference.sliding_window import choose_window
 from cmfl_jax.inference.stablehlo import BUNDLE_FILE, load_stablehlo_predictor, read_bundle_info
 from cmfl_jax.postprocess import postprocess, resolve_et_threshold
 from cmfl_jax.previews import save_orthogonal_png
@@ -101,6 +102,15 @@ def _tuned_et_threshold(config: ml_collections.ConfigDict, dirs: list[str], cv: 
     return (meta.get("postprocess") or {}).get("et_min_mm3")
 
 
+def _window(config: ml_collections.ConfigDict, predictor, shape) -> tuple[int, ...] | None:
+    """``config.window`` for a volume of ``shape`` (None: the training patch of each model)."""
+    if not config.get("window", ""):
+        return None
+    if not hasattr(predictor, "multiple"):
+        raise CMFLError("config.window", "needs the Flax model: the StableHLO function takes its exported window only")
+    return choose_window(config.window, (), shape, predictor.multiple)
+
+
 def _outputs(out_dir: str, subject: Subject, probabilities: bool) -> list[str]:
     names = [f"{subject.subject_id}.nii.gz"] + ([f"{subject.subject_id}_probabilities.nii.gz"] if probabilities else [])
     return [os.path.join(out_dir, n) for n in names]
@@ -146,7 +156,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
         start = time.perf_counter()
         loaded = load_subject(subject, with_label=bool(config.overlays))  # the label only to draw it
         image = predictor.model_input(loaded)
-        pred, probs = predictor.labels(image, config.overlap, config.batch_size, config.mirror)
+        window = _window(config, predictor, image.shape[:3])
+        pred, probs = predictor.labels(image, config.overlap, config.batch_size, config.mirror, window)
         pred = postprocess(pred, loaded.spacing, et_min, wt_min)
         header = _label_header(loaded.header)
         out = _outputs(out_dir, subject, config.save_probabilities)
