@@ -16,13 +16,13 @@ import jax
 
 YNN_OFF = {"xla_cpu_experimental_ynn_fusion_type": ""}  # Eigen convolutions and dots instead of YNNPACK
 
-# function -> XLA options on the CPU. Chosen by experiments/results/xla_options.md (2-core AMD EPYC, one run,
-# candidates timed in turn): see that table for the figures behind each choice.
+# function -> XLA options on the CPU, chosen by experiments/results/xla_options.md (2 CPU cores, each function's
+# candidates timed in turn, 5 calls each; median s per call with defaults / without YNNPACK / YNNPACK dots only):
 CPU_OPTIONS: dict[str, dict[str, str]] = {
-    "cmft_step": {},
-    "cmff_step": {},
-    "unet_step": {},
-    "window": {},
+    "cmft_step": {},  # cmft.py:cpu64, 64^3: 12.4 / 14.4 / 14.9 s
+    "cmff_step": {},  # cmff.py:cpu, 64^3: 4.43 / 5.53 / 5.64 s
+    "unet_step": {},  # benchmark U-Net, 64^3: 3.91 / 4.00 / 4.67 s
+    "window": {},  # the paper's CMFF network, one 128^3 window: 15.8 / 15.8 / 16.2 s (no YNNPACK 0.99x: noise)
 }
 
 
