@@ -39,6 +39,8 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from experiments.ablations import set_path  # noqa: E402  (``config.a.b = value`` for "a.b")
+
 REGIONS = ("ET", "WT", "TC")
 DATASETS = {"demo": {"seed": 0, "lgg_fraction": 0.25}, "lgg50": {"seed": 1, "lgg_fraction": 0.5}}
 # row -> (label, CMFF overrides, post-processing: 0 off, -1 the tuned threshold)
@@ -53,13 +55,6 @@ MARKER = "quality_stage.json"
 
 def log(message: str) -> None:
     print(f"[quality {datetime.datetime.now():%H:%M:%S}] {message}", flush=True)
-
-
-def set_path(config, path: str, value) -> None:
-    *parents, leaf = path.split(".")
-    for p in parents:
-        config = config[p]
-    config[leaf] = value
 
 
 def config_file(name: str, arg: str | None = None):
