@@ -95,3 +95,24 @@ def test_devices_case_runs_on_forced_host_devices():
     rows = benchmark.devices_table([record, {**case, "devices": 4, "status": "failed", "error": "OOM"}]).splitlines()
     assert rows[2].startswith("| 16^3 | 2/2 | native | float32 | 2 | 2 |")
     assert "FAILED: OOM" in rows[3] and "not a speed-up" in rows[-1]
+
+
+def test_gemm_kernel_gradient_equals_the_native_convolutions_gradient():
+    """The GEMM-form kernel gradient that PERF.md records (chunked over depth, with a remainder chunk) is the
+    native 3^3 convolution's own gradient, for the kernel and, through the custom_vjp, for the input; so is the
+    microbenchmark's float64 reference."""
+    from cmfl_jax.models.conv import _conv_native
+    from experiments.conv_microbench import as2d_gemm_kernel_grad, conv_grads_float64, kernel_grad_gemm
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 7, 5, 4, 3)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((3, 3, 3, 3, 2)), jnp.float32)
+    g = jnp.asarray(rng.standard_normal((2, 7, 5, 4, 2)), jnp.float32)
+    want_x, want_w = jax.grad(lambda x, w: jnp.vdot(_conv_native(x, w, 1, 1), g), (0, 1))(x, w)
+    np.testing.assert_allclose(kernel_grad_gemm(x, g, 3, 1, chunk=3), want_w, rtol=1e-4, atol=1e-4)
+    got_x, got_w = jax.grad(lambda x, w: jnp.vdot(as2d_gemm_kernel_grad(1, chunk=4)(x, w), g), (0, 1))(x, w)
+    np.testing.assert_allclose(got_w, want_w, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got_x, want_x, rtol=1e-4, atol=1e-4)
+    ref_x, ref_w = conv_grads_float64(x, w, g, 1)  # the benchmark's float64 reference
+    np.testing.assert_allclose(ref_x, want_x, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(ref_w, want_w, rtol=1e-4, atol=1e-4)

@@ -18,10 +18,9 @@ from absl import logging
 from cmfl_jax.data.io import load_subject
 from cmfl_jax.data.subject import Subject
 from cmfl_jax.inference.predictor import load_workdir
-from cmfl_jax.metrics import REGIONS, brats_metrics
-from cmfl_jax.postprocess import et_statistics
+from cmfl_jax.metrics import REGIONS
 from cmfl_jax.progress import progress
-from cmfl_jax.training.validation import tuned_postprocess, validation_summary
+from cmfl_jax.training.validation import score_subject, tuned_postprocess, validation_summary
 
 SUMMARY_METRICS = ("dice", "hd95")  # per region in the summary's table
 
@@ -37,10 +36,10 @@ def out_of_fold(model_dir: str, subjects: Sequence[Subject], settings: Mapping, 
         loaded = load_subject(subject, with_label=True)
         image = predictor.model_input(loaded)
         pred, _ = predictor.labels(image, settings["overlap"], settings["batch_size"], settings["mirror"])
-        metrics = brats_metrics(pred, loaded.label, loaded.spacing)
+        metrics = score_subject(pred, loaded.label, loaded.spacing)
         out.append({"subject_id": subject.subject_id,
-                    **{r: {k: float(v) for k, v in m.items()} for r, m in metrics.items()},
-                    "et_stats": list(et_statistics(pred, loaded.label, loaded.spacing))})
+                    **{r: {k: float(v) for k, v in metrics[r].items()} for r in REGIONS},
+                    "et_stats": list(metrics["et_stats"])})
         logging.info("cv: %s scored in %.1f s (Dice ET %.3f, WT %.3f, TC %.3f)", subject.subject_id,
                      time.perf_counter() - start, *(metrics[r]["dice"] for r in ("ET", "WT", "TC")))
     return out

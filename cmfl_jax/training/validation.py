@@ -45,6 +45,12 @@ def validation_summary(per_subject: list[dict]) -> dict[str, float]:
     return out
 
 
+def score_subject(pred: np.ndarray, label: np.ndarray, spacing) -> dict:
+    """One subject's BraTS metrics per region and the ET statistics the post-processing is tuned on
+    (``"et_stats"``): what validation and the cross-validation's out-of-fold scoring record alike."""
+    return {**brats_metrics(pred, label, spacing), "et_stats": et_statistics(pred, label, spacing)}
+
+
 def tuned_postprocess(per_subject: list[dict]) -> dict:
     """``{"et_min_mm3", "dice_ET", "subjects"}``: the ET threshold tuned on these subjects and its mean ET Dice."""
     threshold, scores = tune_et_threshold([m["et_stats"] for m in per_subject])
@@ -84,8 +90,7 @@ class Validator:
             probs = sliding_window(predict, image, window, v.overlap, v.batch_size)
             pred = restrict_to_brain(probs_to_labels(probs, self.output), image)
             label = uncrop(entry.label(), entry)
-            per_subject.append({**brats_metrics(pred, label, entry.meta["spacing"]),
-                                "et_stats": et_statistics(pred, label, entry.meta["spacing"])})
+            per_subject.append(score_subject(pred, label, entry.meta["spacing"]))
             if first is None:
                 first = (entry.subject_id, image, label, pred, per_subject[0]["WT"]["dice"])
         return per_subject, first
