@@ -33,6 +33,15 @@ def test_markdown_table_mean_std_and_paper_figures():
     assert "Ours > Ours, pairs (T1, FLAIR) / (T2, T1c): 0.667 vs 0.200, **holds**" in claims
 
 
+def test_convergence_names_the_runs_without_et():
+    learnt = {"dice_ET": 0.8, "dice_WT": 0.9, "dice_TC": 0.9}
+    results = {"ours": {"0": learnt, "1": {**learnt, "dice_ET": 0.047}}, "s_b": {"0": {**learnt, "dice_ET": 0.5}}}
+    assert ablations.convergence_markdown(results) == (
+        "Not converged: 1 of 3 runs have not learnt ET (held-out ET Dice < 0.5): Ours (seed 1: ET 0.047).")
+    results["ours"]["1"] = learnt
+    assert ablations.convergence_markdown(results) == "Converged: all 3 runs have learnt ET (held-out ET Dice >= 0.5)."
+
+
 def test_paper_averages_match_their_rows():
     """The Dice copied from Tables 2 and 4: each row's average is the mean of its ET, WT and TC."""
     for v in ablations.VARIANTS:
