@@ -31,6 +31,7 @@ import dataclasses
 import datetime
 import json
 import os
+import re
 import sys
 import time
 
@@ -143,12 +144,16 @@ def _train(name: str, config: ml_collections.ConfigDict, workdir: str, what: str
             with open(record) as f:
                 seconds = json.load(f)["seconds"]
         return {"seconds": seconds, "reused": True}
+    earlier = 0.0  # a run continued from a shorter budget (--continue_from) counts its earlier training too
+    if os.path.exists(record):
+        with open(record) as f:
+            earlier = json.load(f)["seconds"] or 0.0
     log(f"{what}: training {config.train.steps} steps in {workdir}")
     start = time.perf_counter()
     stage_runner.run_stage(name, config, workdir)
     if not stage_runner.finished(name, config, workdir):
         raise SystemExit(f"{workdir}: stopped before its last step; run the same command to resume")
-    seconds = time.perf_counter() - start
+    seconds = earlier + time.perf_counter() - start
     with open(record, "w") as f:
         json.dump({"seconds": seconds}, f)
     return {"seconds": seconds, "reused": False}
@@ -272,7 +277,10 @@ def write_report(out: str, results: dict[str, dict[str, dict]], settings: dict) 
         f"{settings['cmft_steps']} steps, CMFF {settings['steps']} steps; seed(s) {', '.join(map(str, seeds))}"
         + (" (mean ± std over seeds)." if len(seeds) > 1 else "."),
         f"Recipe (not the paper's): {settings['recipe']}.",
-        f"Command: `{settings['command']}` ({settings['minutes']:.0f} min of training on 2 CPU cores).",
+        f"Command: `{settings['command']}` ({settings['minutes']:.0f} min of training on 2 CPU cores"
+        + (f", counting the runs of `{settings['continued_from']}` that these continue: CMFF has a constant learning "
+           "rate and resumes exactly, so a continued run has the params of an uninterrupted one"
+           if settings.get("continued_from") else "") + ").",
         "",
         "Paper figures: Dice on the BraTS 2018 (Table 4) and BraTS 2017 (Table 2) validation sets, for "
         "reference only: the synthetic data and the budget here are not comparable. Ours_voc (2D VOC weights) "
@@ -294,8 +302,31 @@ def write_report(out: str, results: dict[str, dict[str, dict]], settings: dict) 
     return text
 
 
+def continue_runs(source: str, budget: str, seeds: list[int], config: ml_collections.ConfigDict, steps: int,
+                  cmft_steps: int) -> None:
+    """Copy the seeds' runs of the shorter budget ``source`` into ``budget``: every CMFF run then resumes from its
+    final checkpoint. With a constant CMFF learning rate and an exact resume this gives the params an
+    uninterrupted run of ``steps`` steps would (a decaying rate or another CMFT budget would not)."""
+    import shutil
+
+    match = re.search(r"-cmft(\d+)-cmff(\d+)$", os.path.normpath(source))
+    if match is None or not os.path.isdir(source):
+        raise SystemExit(f"--continue_from {source}: not a budget folder of this script (<size>-cmft<N>-cmff<M>)")
+    if int(match.group(1)) != cmft_steps or int(match.group(2)) > steps:
+        raise SystemExit(f"--continue_from {source}: needs CMFT {cmft_steps} steps and at most {steps} CMFF steps")
+    if config.cmff.cmff.decay_start >= 0:
+        raise SystemExit(f"--continue_from {source}: the CMFF learning rate decays over the run's length, so a "
+                         "longer run is not a continuation of a shorter one")
+    for seed in seeds:
+        src, dst = os.path.join(source, f"seed{seed}"), os.path.join(budget, f"seed{seed}")
+        if os.path.isdir(src) and not os.path.exists(dst):
+            log(f"seed {seed}: continuing the runs of {src}")
+            shutil.copytree(src, dst + ".tmp")
+            os.replace(dst + ".tmp", dst)
+
+
 def run_ablations(size: str, steps: int, cmft_steps: int, seeds: list[int], out: str, workdir: str,
-                  variants: list[str], data_root: str = "", command: str = "") -> str:
+                  variants: list[str], data_root: str = "", command: str = "", continue_from: str = "") -> str:
     """Train every CMFT run and CMFF variant that is not finished yet, then write the report."""
     start = time.perf_counter()
     chosen = [BY_KEY[k] for k in variants]
@@ -304,6 +335,8 @@ def run_ablations(size: str, steps: int, cmft_steps: int, seeds: list[int], out:
     budget = os.path.join(workdir, f"{size}-cmft{cmft_steps}-cmff{steps}")
     for seed in seeds:
         seed_dir = os.path.join(budget, f"seed{seed}")
+        if continue_from:
+            continue_runs(continue_from, budget, [seed], demo_config(size), steps, cmft_steps)
         stages, train, held_out = base_stages(size, steps, cmft_steps, seed, data_root, seed_dir)
         for name in sorted({v.cmft for v in chosen if v.cmft}):
             runs[f"seed{seed}/cmft_{name}"] = train_cmft(stages["cmft"], name, os.path.join(seed_dir, f"cmft_{name}"))
@@ -321,7 +354,8 @@ def run_ablations(size: str, steps: int, cmft_steps: int, seeds: list[int], out:
         "n_train": len(train), "n_held_out": len(held_out), "held_out": [s.subject_id for s in held_out],
         "base": c.model.base, "depth": c.model.depth, "patch": "x".join(map(str, c.data.patch_size)) + "",
         "recipe": recipe(stages),
-        "command": command, "runs": runs, "minutes": sum(r["seconds"] or 0.0 for r in runs.values()) / 60,
+        "command": command, "continued_from": continue_from,
+        "runs": runs, "minutes": sum(r["seconds"] or 0.0 for r in runs.values()) / 60,
         "minutes_this_invocation": (time.perf_counter() - start) / 60,
     }
     return write_report(out, results, settings)
@@ -362,11 +396,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data_root", default="", help="a BraTS folder or CSV ('': the built-in synthetic set)")
     parser.add_argument("--out", default=os.path.join("experiments", "results"), help="where the table goes")
     parser.add_argument("--workdir", default=os.path.join("runs", "ablations"), help="where the runs go")
+    parser.add_argument("--continue_from", default="",
+                        help="a shorter budget's folder (<workdir>/<size>-cmft<N>-cmff<M>): its CMFF runs go on "
+                             "from their final checkpoints instead of starting again")
     args = parser.parse_args(argv)
     _setup()
     command = "python -m experiments.ablations " + " ".join(sys.argv[1:] if argv is None else argv)
     print(run_ablations(args.size, args.steps, args.cmft_steps, args.seeds, args.out, args.workdir, args.variants,
-                        args.data_root, command))
+                        args.data_root, command, args.continue_from))
 
 
 if __name__ == "__main__":

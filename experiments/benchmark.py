@@ -18,6 +18,12 @@ format at that size. The goal: a JAX train step at or below PyTorch's on CPU.
     .venv/bin/python -m experiments.benchmark [--sizes 64 128] [--impls native cpu_fast]
         [--dtypes float32 bfloat16] [--repeats 5] [--no-torch] [--out experiments/results/benchmark.json]
 
+Suite ``goal``: the CPU goal in one run, one row per goal (the unet suite's train steps at each size and
+the volume suite's plain inference, one timed call) with cmfl_jax's fastest case against PyTorch/MONAI:
+
+    .venv/bin/python -m experiments.benchmark --suite goal --impls cpu_fast --dtypes float32 --repeats 3 \
+        --out experiments/results/benchmark_goal.json
+
 Suite ``devices``: the real CMFF train step (``cmfl_jax.cmff_step.make_train_step``: S_A, S_B, fusion branch,
 mask-guided attention, random init) data parallel over ``--devices`` N forced host devices
 (``XLA_FLAGS=--xla_force_host_platform_device_count=N``, one subprocess each), global batch N x 1; steps/s,
@@ -506,6 +512,42 @@ def volume_table(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def goal_cases(args: argparse.Namespace, with_torch: bool) -> list[dict[str, Any]]:
+    """The CPU goal in one run: the unet suite's cases, then the volume suite's plain inference (one timed call,
+    no warm-up: a volume is ~1 min here; mirroring has its own run in the volume suite)."""
+    volume = [{**c, "repeats": 1, "warmup": 0} for c in volume_cases(args, with_torch) if not c["mirror"]]
+    return unet_cases(args, with_torch) + volume
+
+
+def goal_table(records: list[dict[str, Any]]) -> str:
+    """One row per goal (train step per size, full-volume inference): cmfl_jax's best against PyTorch/MONAI,
+    then the unet and volume tables the numbers come from."""
+    unet = [r for r in records if r["kind"].endswith("_unet")]
+    volume = [r for r in records if r["kind"].endswith("_volume")]
+    refs = torch_references(unet)
+    lines = ["| goal | PyTorch/MONAI s | cmfl_jax s (impl, dtype) | cmfl_jax / PyTorch |", "|---|---|---|---|"]
+    for size in sorted({r["size"] for r in unet}):
+        ref = refs.get(next((r["size"], r["base"], r["depth"]) for r in unet if r["size"] == size))
+        ok = [r for r in unet if r["size"] == size and r["kind"] == "jax_unet" and r.get("status") == "ok"]
+        best = min(ok, key=lambda r: r["train"]["median_s"], default=None)
+        lines.append(f"| train step {size}^3 | {_num(ref['train']['median_s']) if ref else '-'} | "
+                     + (f"{_num(best['train']['median_s'])} ({best['impl']}, {best['dtype']})" if best else "-")
+                     + f" | {_num(_ratio(best, ref, 'train'), '.2f') if best else '-'} |")
+    monai = next((r for r in volume if r["kind"] == "monai_volume" and r.get("status") == "ok"), None)
+    ok = [r for r in volume if r["kind"] == "jax_volume" and r.get("status") == "ok"]
+    best = min(ok, key=lambda r: r["volume"]["median_s"], default=None)
+    if volume:
+        ratio = best["volume"]["median_s"] / monai["volume"]["median_s"] if best and monai else None
+        lines.append(f"| full volume {'x'.join(map(str, VOLUME_SHAPE))} | "
+                     f"{_num(monai['volume']['median_s']) if monai else '-'} | "
+                     + (f"{_num(best['volume']['median_s'])} ({best['impl']}, float32)" if best else "-")
+                     + f" | {_num(ratio, '.2f')} |")
+    lines.append("")
+    lines.append("The goal: every ratio at or below 1.00.")
+    parts = [*lines, "", unet_table(unet)] + (["", volume_table(volume)] if volume else [])
+    return "\n".join(parts)
+
+
 def devices_cases(args: argparse.Namespace, with_torch: bool) -> list[dict[str, Any]]:
     """Per size, conv_impl and dtype: the CMFF step on each of ``--devices`` forced host device counts."""
     del with_torch
@@ -545,7 +587,7 @@ def devices_table(records: list[dict[str, Any]]) -> str:
 
 
 SUITES = {"unet": Suite(unet_cases, unet_table), "volume": Suite(volume_cases, volume_table),
-          "devices": Suite(devices_cases, devices_table)}
+          "devices": Suite(devices_cases, devices_table), "goal": Suite(goal_cases, goal_table)}
 
 
 # --------------------------------------------------------------------------------------------------- processes

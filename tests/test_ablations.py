@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
+
 from experiments import ablations
 
 
@@ -81,3 +83,17 @@ def test_runner_at_smoke_size(tmp_path):
     runs = json.loads((out / "ablations.json").read_text())["settings"]["runs"]
     assert sorted(runs) == ["seed0/cmff_ours", "seed0/cmff_random", "seed0/cmff_s_a", "seed0/cmft_cycle"]
     assert all(r["reused"] and r["seconds"] > 0 for r in runs.values())
+
+    # A longer budget continues these runs from their final checkpoints (exact resume, constant rate): the first
+    # 4 logged steps are the 4-step run's, and its training time counts.
+    longer = dict(args, steps=6, variants=["s_a"], continue_from=str(work / "smoke-cmft2-cmff4"))
+    ablations.run_ablations(**longer)
+    source, continued = (work / budget / "seed0" / "cmff_s_a" for budget in ("smoke-cmft2-cmff4", "smoke-cmft2-cmff6"))
+    logged = [json.loads(x) for x in open(continued / "metrics.jsonl")]
+    assert [x["step"] for x in logged if "train/loss" in x] == [1, 2, 3, 4, 5, 6]
+    assert [x for x in logged if x["step"] <= 4] == [json.loads(x) for x in open(source / "metrics.jsonl")]
+    settings = json.loads((out / "ablations.json").read_text())["settings"]
+    assert settings["runs"]["seed0/cmff_s_a"]["seconds"] > runs["seed0/cmff_s_a"]["seconds"]
+    assert settings["continued_from"] == longer["continue_from"]
+    with pytest.raises(SystemExit, match="needs CMFT 3 steps"):
+        ablations.run_ablations(**dict(longer, cmft_steps=3))

@@ -116,3 +116,21 @@ def test_gemm_kernel_gradient_equals_the_native_convolutions_gradient():
     ref_x, ref_w = conv_grads_float64(x, w, g, 1)  # the benchmark's float64 reference
     np.testing.assert_allclose(ref_x, want_x, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(ref_w, want_w, rtol=1e-4, atol=1e-4)
+
+
+def test_goal_table_has_one_row_per_goal_with_the_fastest_jax_case():
+    records = [_ok("torch_unet", "eager/contiguous", 2.0, 1.0), _ok("jax_unet", "native", 3.0, 1.0),
+               _ok("jax_unet", "cpu_fast", 1.5, 1.0), _ok("torch_unet", "eager/contiguous", 8.0, 1.0, size=32),
+               _ok("jax_unet", "cpu_fast", 10.0, 1.0, size=32),
+               {"kind": "monai_volume", "impl": "monai", "mirror": False, "status": "ok", "compile_s": None,
+                "volume": {"median_s": 60.0}, "peak_rss_mib": 1.0},
+               {"kind": "jax_volume", "impl": "cpu_fast", "mirror": False, "status": "ok", "compile_s": 2.0,
+                "volume": {"median_s": 75.0}, "peak_rss_mib": 1.0}]
+    rows = benchmark.goal_table(records).splitlines()
+    assert rows[2] == "| train step 16^3 | 2 | 1.5 (cpu_fast, float32) | 0.75 |"  # 1.5 / 2.0, not native's 3.0
+    assert rows[3] == "| train step 32^3 | 8 | 10 (cpu_fast, float32) | 1.25 |"
+    assert rows[4] == "| full volume 240x240x155 | 60 | 75 (cpu_fast, float32) | 1.25 |"
+    args = benchmark.parse_args(["--suite", "goal", "--sizes", "64", "--impls", "cpu_fast", "--dtypes", "float32"])
+    cases = benchmark.goal_cases(args, with_torch=True)
+    assert [c["kind"] for c in cases] == ["torch_unet", "torch_unet", "jax_unet", "monai_volume", "jax_volume"]
+    assert all(c["repeats"] == 1 and c["warmup"] == 0 and not c["mirror"] for c in cases[3:])
