@@ -17,11 +17,12 @@ import jax
 YNN_OFF = {"xla_cpu_experimental_ynn_fusion_type": ""}  # Eigen convolutions and dots instead of YNNPACK
 
 # function -> XLA options on the CPU, chosen by experiments/results/xla_options.md (2 CPU cores, each function's
-# candidates timed in turn, 5 calls each; median s per call with defaults / without YNNPACK / YNNPACK dots only):
+# candidates timed in turn, 5 calls each; median s per call with defaults / without YNNPACK / YNNPACK dots only;
+# the two steps again on an idle machine, experiments/results/xla_options_idle.md):
 CPU_OPTIONS: dict[str, dict[str, str]] = {
     "cmft_step": {},  # cmft.py:cpu64, 64^3: 12.4 / 14.4 / 14.9 s
-    "cmff_step": {},  # cmff.py:cpu, 64^3: 4.43 / 5.53 / 5.64 s
-    "unet_step": {},  # benchmark U-Net, 64^3: 3.91 / 4.00 / 4.67 s
+    "cmff_step": {},  # cmff.py:cpu, 64^3: 4.43 / 5.53 / 5.64 s; idle: 1.58 / 1.82 / 1.81 s
+    "unet_step": {},  # benchmark U-Net, 64^3: 3.91 / 4.00 / 4.67 s; idle: 1.40 / 1.57 / 1.55 s
     "window": {},  # the paper's CMFF network, one 128^3 window: 15.8 / 15.8 / 16.2 s (no YNNPACK 0.99x: noise)
 }
 
