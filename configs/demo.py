@@ -2,8 +2,8 @@
 
   python -m cmfl_jax.main --config=configs/demo.py --workdir=runs/demo
 On the built-in synthetic data by default (``--config.data.root=/data/BraTS2018`` for real data). Variants:
-the default (a CPU-sized run: 4 min 50 s on 2 CPU cores from a cold start, compilation cache empty and data
-not yet generated, 5 min 22 s with a fresh install; held-out Dice ET 0.73, WT 0.90, TC 0.87), ``:smoke``
+the default (a CPU-sized run: 4 min 50 s to 5 min 40 s on 2 CPU cores from a cold start, compilation cache empty
+and data not yet generated, depending on the machine; held-out Dice ET 0.72, WT 0.90, TC 0.87), ``:smoke``
 (~50 s, for CI),
 ``:full`` (the paper's sizes: 128^3 patches, base 16, depth 4; 20000 steps per phase, this project's choice: the
 paper gives only its training time, 18 h 57 min; a GPU/TPU job).
