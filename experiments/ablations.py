@@ -138,22 +138,18 @@ def _train(name: str, config: ml_collections.ConfigDict, workdir: str, what: str
     from cmfl_jax import stage_runner
 
     record = os.path.join(workdir, "ablation_run.json")
-    if stage_runner.finished(name, config, workdir):
-        seconds = None  # finished by something else than this script
-        if os.path.exists(record):
-            with open(record) as f:
-                seconds = json.load(f)["seconds"]
-        return {"seconds": seconds, "reused": True}
-    earlier = 0.0  # a run continued from a shorter budget (--continue_from) counts its earlier training too
+    earlier = None  # None: not trained by this script; a run continued (--continue_from) counts its earlier time
     if os.path.exists(record):
         with open(record) as f:
-            earlier = json.load(f)["seconds"] or 0.0
+            earlier = json.load(f)["seconds"]
+    if stage_runner.finished(name, config, workdir):
+        return {"seconds": earlier, "reused": True}
     log(f"{what}: training {config.train.steps} steps in {workdir}")
     start = time.perf_counter()
     stage_runner.run_stage(name, config, workdir)
     if not stage_runner.finished(name, config, workdir):
         raise SystemExit(f"{workdir}: stopped before its last step; run the same command to resume")
-    seconds = earlier + time.perf_counter() - start
+    seconds = (earlier or 0.0) + time.perf_counter() - start
     with open(record, "w") as f:
         json.dump({"seconds": seconds}, f)
     return {"seconds": seconds, "reused": False}
@@ -333,10 +329,10 @@ def run_ablations(size: str, steps: int, cmft_steps: int, seeds: list[int], out:
     results: dict[str, dict[str, dict]] = {v.key: {} for v in chosen}
     runs: dict[str, dict] = {}
     budget = os.path.join(workdir, f"{size}-cmft{cmft_steps}-cmff{steps}")
+    if continue_from:
+        continue_runs(continue_from, budget, seeds, demo_config(size), steps, cmft_steps)
     for seed in seeds:
         seed_dir = os.path.join(budget, f"seed{seed}")
-        if continue_from:
-            continue_runs(continue_from, budget, [seed], demo_config(size), steps, cmft_steps)
         stages, train, held_out = base_stages(size, steps, cmft_steps, seed, data_root, seed_dir)
         for name in sorted({v.cmft for v in chosen if v.cmft}):
             runs[f"seed{seed}/cmft_{name}"] = train_cmft(stages["cmft"], name, os.path.join(seed_dir, f"cmft_{name}"))

@@ -491,9 +491,14 @@ def volume_cases(args: argparse.Namespace, with_torch: bool) -> list[dict[str, A
     return cases
 
 
+def monai_reference(records: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The successful MONAI volume record (the volume comparator), if any."""
+    return next((r for r in records if r["kind"] == "monai_volume" and r.get("status") == "ok"), None)
+
+
 def volume_table(records: list[dict[str, Any]]) -> str:
     """Markdown table of the volume suite: seconds per 240x240x155 subject, ratio against MONAI."""
-    ref = next((r for r in records if r["kind"] == "monai_volume" and r.get("status") == "ok"), None)
+    ref = monai_reference(records)
     lines = ["| framework | impl | mirroring | compile s | s per subject (median) | peak RSS MiB | / MONAI |",
              "|---|---|---|---|---|---|---|"]
     for r in records:
@@ -533,7 +538,7 @@ def goal_table(records: list[dict[str, Any]]) -> str:
         lines.append(f"| train step {size}^3 | {_num(ref['train']['median_s']) if ref else '-'} | "
                      + (f"{_num(best['train']['median_s'])} ({best['impl']}, {best['dtype']})" if best else "-")
                      + f" | {_num(_ratio(best, ref, 'train'), '.2f') if best else '-'} |")
-    monai = next((r for r in volume if r["kind"] == "monai_volume" and r.get("status") == "ok"), None)
+    monai = monai_reference(volume)
     ok = [r for r in volume if r["kind"] == "jax_volume" and r.get("status") == "ok"]
     best = min(ok, key=lambda r: r["volume"]["median_s"], default=None)
     if volume:

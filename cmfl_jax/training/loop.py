@@ -116,16 +116,16 @@ def _report_nonfinite(name: str, step: int, in_a_row: int, limit: int, metrics: 
                         f"(the last checkpoint is intact: lower the learning rate or check the data, then resume)")
 
 
+# One compiled check per params tree (called eagerly, all_finite compiles an isfinite and a reduction per leaf
+# shape: ~60 small compiles, seconds at the first save of every run).
+_all_finite_jit = jax.jit(all_finite)
+
+
 def _check_params_finite(states: dict, step: int) -> None:
     """A checkpoint never holds NaN/Inf params (the guard should make this unreachable)."""
     for name, state in states.items():
         if not bool(_all_finite_jit(state.params)):
             raise CMFLError(f"states[{name!r}]", f"non-finite parameters at step {step}; not saved")
-
-
-# One compiled check per params tree (called eagerly, all_finite compiles an isfinite and a reduction per leaf
-# shape: ~60 small compiles, seconds at the first save of every run).
-_all_finite_jit = jax.jit(all_finite)
 
 
 def _resume(name: str, states: dict, manager, iterator, seed: int) -> tuple[dict, jax.Array, int]:
