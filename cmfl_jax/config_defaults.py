@@ -78,6 +78,18 @@ def model_config() -> ml_collections.ConfigDict:
     )
 
 
+def distributed_config() -> ml_collections.ConfigDict:
+    """Several processes or hosts (docs/multi_host.md), shared by both training phases."""
+    return ml_collections.ConfigDict(
+        {
+            "enabled": False,  # jax.distributed.initialize() first; each process reads its share of the patches
+            "coordinator_address": "",  # host:port of process 0; "": $JAX_COORDINATOR_ADDRESS or JAX's detection
+            "num_processes": 0,  # 0: $JAX_NUM_PROCESSES or JAX's detection (SLURM, Open MPI, TPU pods, GKE)
+            "process_id": -1,  # -1: $JAX_PROCESS_ID or JAX's detection
+        }
+    )
+
+
 def train_config(steps: int) -> ml_collections.ConfigDict:
     """Loop settings shared by both phases."""
     return ml_collections.ConfigDict(

@@ -16,9 +16,8 @@ Which function is which equation:
 - ``cmft_generator_loss``: the generators' side of Eq. 5, i.e. Eq. 6 (+ optional identity term).
 - ``self_reconstruction_generator_loss``: the Ours_self variant of Eq. 6 (L1 self-reconstruction for Eq. 4).
 - ``cmft_discriminator_loss``: the discriminators' side of Eq. 5, Eq. 2 + Eq. 3 on stop-gradient fakes.
-- ``soft_dice_loss``: Eq. 8.
-- ``region_dice_loss``: Eq. 8 over the BraTS regions WT, TC, ET (``config.model.output="regions"``, not in the
-  paper: nnU-Net's region-based BraTS training).
+- ``soft_dice_loss``: Eq. 8, over classes or over the BraTS regions WT, TC, ET (``config.model.output="regions"``,
+  not in the paper: nnU-Net's region-based BraTS training).
 - ``cmff_segmentation_loss``: Eq. 7 (+ optional cross-entropy), over classes or regions.
 
 The CMFT functions take the generators and discriminators as callables ``x -> y`` (e.g. a
@@ -121,24 +120,14 @@ def soft_dice_loss(probs: jax.Array, target_onehot: jax.Array, eps: float = 1e-5
     return 1.0 - jnp.mean(dice)
 
 
-def region_dice_loss(probs: jax.Array, target_regions: jax.Array, eps: float = 1e-5) -> jax.Array:
-    """Soft Dice loss over the BraTS regions (nnU-Net's region-based BraTS training; Eq. 8 per region).
-
-    ``1 - mean_r 2|Y_r P_r| / (|Y_r| + |P_r|)`` for r in WT = {1, 2, 4}, TC = {1, 4}, ET = {4}: ``probs`` are
-    the ``(N, D, H, W, 3)`` sigmoid probabilities of the overlapping regions, ``target_regions`` their 0/1 masks
-    (:func:`cmfl_jax.label_classes.labels_to_regions`); sums over the batch and voxels, mean over the regions.
-    """
-    return soft_dice_loss(probs, target_regions, eps)
-
-
 def cmff_segmentation_loss(logits: dict, target: jax.Array, ce_weight: float = 0.0, output: str = "classes"
                            ) -> tuple[jax.Array, dict]:
     """Eq. 7: the sum over the branches S_A, S_B, S_F that ran of Eq. 8 [+ ``ce_weight`` x cross-entropy].
 
     ``logits`` is the CMFF model's output dict (``logits_a``, ``logits_b``, ``logits_f``; a branch that did
     not run is ``None`` and is skipped). ``output="classes"``: ``target`` is one-hot, Eq. 8 on the softmax,
-    softmax cross-entropy; ``"regions"``: ``target`` holds the WT, TC, ET masks, :func:`region_dice_loss` on
-    the sigmoids, binary cross-entropy per region. Returns ``(total, terms)`` with ``dice_loss_{k}`` [and
+    softmax cross-entropy; ``"regions"``: ``target`` holds the WT, TC, ET masks, :func:`soft_dice_loss` over
+    the regions on the sigmoids, binary cross-entropy per region. Returns ``(total, terms)`` with ``dice_loss_{k}`` [and
     ``ce_{k}``].
     """
     regions = output == "regions"
@@ -148,7 +137,7 @@ def cmff_segmentation_loss(logits: dict, target: jax.Array, ce_weight: float = 0
         if branch is None:
             continue
         if regions:
-            terms[f"dice_loss_{k}"] = region_dice_loss(jax.nn.sigmoid(branch), target)
+            terms[f"dice_loss_{k}"] = soft_dice_loss(jax.nn.sigmoid(branch), target)  # Eq. 8 per region
         else:
             terms[f"dice_loss_{k}"] = soft_dice_loss(jax.nn.softmax(branch), target)
         if ce_weight:

@@ -12,7 +12,7 @@ the degenerate mesh: the same step, the same numbers as without a mesh.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grain
@@ -24,7 +24,6 @@ from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from cmfl_jax.compiler_options import compiler_options
 from cmfl_jax.errors import CMFLError
 
 DATA_AXIS = "data"
@@ -138,15 +137,13 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
     return jax.make_array_from_process_local_data(batch_sharded(mesh), batch)
 
 
-def jit_train_step(step: Callable, mesh: Mesh | None = None, options: str | None = None) -> Callable:
+def jit_train_step(step: Callable, mesh: Mesh | None = None) -> Callable:
     """``jax.jit`` of a ``(states, batch, rng) -> (states, metrics)`` step: states replicated and donated, batch
     split over ``data``, rng replicated; new states and metrics replicated. Default mesh: :func:`make_mesh`.
-    ``options``: the step's entry in :data:`cmfl_jax.compiler_options.CPU_OPTIONS` (XLA options on the CPU).
     """
     mesh = make_mesh() if mesh is None else mesh
     rep = replicated(mesh)
-    return jax.jit(step, in_shardings=(rep, batch_sharded(mesh), rep), out_shardings=rep, donate_argnums=(0,),
-                   compiler_options=compiler_options(options) if options else None)
+    return jax.jit(step, in_shardings=(rep, batch_sharded(mesh), rep), out_shardings=rep, donate_argnums=(0,))
 
 
 def host_batch_size(per_device: int) -> int:
@@ -161,11 +158,3 @@ def data_shard(config: ml_collections.ConfigDict) -> grain.sharding.ShardOptions
     if jax.process_count() > 1:
         return grain.sharding.ShardByJaxProcess()
     return grain.sharding.NoSharding()
-
-
-def forced_host_devices_env(devices: int, env: Mapping[str, str]) -> dict[str, str]:
-    """``env`` for a child process whose CPU backend has ``devices`` devices (``XLA_FLAGS`` keeps its other
-    flags): the device count is fixed when JAX starts, so tests and benchmarks set it per subprocess."""
-    flags = [f for f in env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
-    return {**env, "JAX_PLATFORMS": "cpu",
-            "XLA_FLAGS": " ".join([*flags, f"--xla_force_host_platform_device_count={devices}"])}

@@ -14,21 +14,43 @@ Data augmentation (not in the paper, off by default): ``--config.data.augment.pr
 
 import ml_collections
 
-from cmfl_jax.config_defaults import data_config, model_config, train_config, use_cpu_sizes, use_smoke_sizes
+from cmfl_jax.config_defaults import (
+    data_config,
+    distributed_config,
+    model_config,
+    train_config,
+    use_cpu_sizes,
+    use_smoke_sizes,
+)
+from cmfl_jax.config_variants import apply_variants
+
+
+def _smoke(config: ml_collections.ConfigDict) -> None:
+    use_smoke_sizes(config)
+    config.train.update(steps=6, log_every=1, save_every=3, preview_every=3)
+
+
+def _cpu64(config: ml_collections.ConfigDict) -> None:
+    """The paper's U-Net (base 16, depth 4) on 64^3 patches, a short CPU run."""
+    config.data.patch_size = (64, 64, 64)
+    config.train.update(steps=80, log_every=5, save_every=20, preview_every=40)
+
+
+def _cpu(config: ml_collections.ConfigDict) -> None:
+    """The CPU demonstration pair with configs/cmff.py:cpu (same data and U-Net)."""
+    use_cpu_sizes(config)
+    config.train.update(steps=300, log_every=10, save_every=100, preview_every=100)
+
+
+# "full": the defaults are the paper's sizes (20000 steps: ours); the name makes the choice explicit.
+VARIANTS = {"full": lambda config: None, "smoke": _smoke, "cpu64": _cpu64, "cpu": _cpu}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.job = "cmft"
     config.seed = 0
-    config.distributed = ml_collections.ConfigDict(  # several processes/hosts: docs/multi_host.md
-        {
-            "enabled": False,  # jax.distributed.initialize() first; each process reads its share of the patches
-            "coordinator_address": "",  # host:port of process 0; "": $JAX_COORDINATOR_ADDRESS or JAX's detection
-            "num_processes": 0,  # 0: $JAX_NUM_PROCESSES or JAX's detection (SLURM, Open MPI, TPU pods, GKE)
-            "process_id": -1,  # -1: $JAX_PROCESS_ID or JAX's detection
-        }
-    )
+    config.distributed = distributed_config()  # several processes/hosts: docs/multi_host.md
     config.data = data_config()
     config.model = model_config()
     config.train = train_config(steps=20000)
@@ -44,28 +66,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             "decay_start": -1,  # step where the learning rate starts its linear decay to 0 (-1: constant)
         }
     )
-    if arg == "full":
-        pass  # the defaults above are the paper's sizes (20000 steps: ours); the name makes the choice explicit
-    elif arg == "smoke":
-        use_smoke_sizes(config)
-        config.train.steps = 6
-        config.train.log_every = 1
-        config.train.save_every = 3
-        config.train.preview_every = 3
-    elif arg == "cpu64":
-        # What 2 CPU cores train in ~15 minutes: the paper's U-Net (base 16, depth 4) on 64^3 patches.
-        config.data.patch_size = (64, 64, 64)
-        config.train.steps = 80
-        config.train.log_every = 5
-        config.train.save_every = 20
-        config.train.preview_every = 40
-    elif arg == "cpu":
-        # The CPU demonstration pair with configs/cmff.py:cpu (same data and U-Net): ~10 min on 2 cores.
-        use_cpu_sizes(config)
-        config.train.steps = 300
-        config.train.log_every = 10
-        config.train.save_every = 100
-        config.train.preview_every = 100
-    elif arg:
-        raise ValueError(f"unknown variant {arg!r} of configs/cmft.py (known: smoke, cpu, cpu64, full)")
-    return config
+    return apply_variants(config, arg, VARIANTS, "cmft")

@@ -18,25 +18,20 @@ Variants: the default (CPU-sized: the demo's default sizes and steps, 5 folds of
 
 from __future__ import annotations
 
-import os
-import runpy
-
 import ml_collections
 
-VARIANTS = {"default": None, "smoke": "smoke"}  # cv variant -> the variant of configs/demo.py it starts from
+from cmfl_jax.config_variants import apply_variants, load_config, sibling, split_parts
+
+SIZES = {"default": "", "smoke": "smoke"}  # cv size -> the size of configs/demo.py it starts from
 NOT_STAGES = ("predict", "evaluate", "export")  # the demo's stages after training: the CV job scores each fold itself
 
 
-def _demo_config(arg: str | None) -> ml_collections.ConfigDict:
-    """``get_config(arg)`` of the sibling ``configs/demo.py`` (configs/ is a folder of files, not a package)."""
-    return runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.py"))["get_config"](arg)
-
-
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    variant = arg or "default"
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {arg!r} of configs/cv.py (known: smoke)")
-    config = _demo_config(VARIANTS[variant])  # seed, data, model, cmft, cmff as the demo shares them
+    parts = split_parts(arg)
+    sizes = [part for part in parts if part in SIZES]
+    variant = sizes[-1] if sizes else "default"
+    # seed, data, model, cmft, cmff as the demo shares them
+    config = load_config(f"{sibling(__file__, 'demo')}:{SIZES[variant]}")
     config.job = "cv"
     for name in NOT_STAGES:
         del config[name]
@@ -47,4 +42,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         for phase in ("cmft", "cmff"):  # every step a few seconds of CPU; tracing the steps is most of a fold
             config[phase].train.update(steps=4, save_every=4, preview_every=0)
         config.cmff.val.every = 4  # one validation, at the last step
-    return config
+    return apply_variants(config, ",".join(p for p in parts if p not in SIZES), {}, "cv")

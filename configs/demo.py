@@ -19,34 +19,28 @@ the U-Net and the seed are shared by all stages and live at the top (``config.da
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import ml_collections
 
+from cmfl_jax.config_variants import apply_variants, load_config, sibling, split_parts
 from cmfl_jax.jobs import PIPELINE as STAGES  # the method's flow; each stage has its own config file
 
-# demo variant -> the variant of configs/cmft.py and configs/cmff.py it starts from.
-VARIANTS = {"default": "cpu", "smoke": "smoke", "full": "full"}
-TRAINING = ("cmft", "cmff")  # the stages that take the variant
+# demo size -> the variant of configs/cmft.py and configs/cmff.py it starts from.
+SIZES = {"default": "cpu", "smoke": "smoke", "full": "full"}
+TRAINING = ("cmft", "cmff")  # the stages that take the size
 SHARED = ("seed", "data", "model")  # one value for every stage; removed from the stage configs
-
-
-def job_config(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
-    """``get_config(arg)`` of the sibling ``configs/<name>.py`` (configs/ is a folder of files, not a package)."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"_cmfl_config_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+# Parts of the variant that combine with a size (``configs/demo.py:smoke,regions``); key=value parts too.
+VARIANTS = {
+    "regions": lambda config: config.model.update(output="regions"),
+    "nnunet_augment": lambda config: config.data.augment.update(preset="nnunet"),
+}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    variant = arg or "default"
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {arg!r} of configs/demo.py (known: smoke, full)")
-    sub = VARIANTS[variant]
-    stages = {name: job_config(name, sub if name in TRAINING else None) for name in STAGES}
+    parts = split_parts(arg)
+    sizes = [part for part in parts if part in SIZES]
+    variant = sizes[-1] if sizes else "default"
+    stages = {name: load_config(sibling(__file__, name) + (f":{SIZES[variant]}" if name in TRAINING else ""))
+              for name in STAGES}
     config = ml_collections.ConfigDict()
     config.job = "demo"
     config.seed = stages["cmff"].seed
@@ -74,4 +68,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.cmff.train.log_every = 20
         config.cmff.train.save_every = 100
         config.cmff.val.every = 300
-    return config
+    return apply_variants(config, ",".join(p for p in parts if p not in SIZES), VARIANTS, "demo")

@@ -8,6 +8,7 @@ Writes a per-subject CSV, the summary in the paper's table layout (CSV and Markd
 import ml_collections
 
 from cmfl_jax.config_defaults import data_config
+from cmfl_jax.config_variants import apply_variants
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -15,6 +16,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.job = "evaluate"
     config.data = data_config()  # data.root: labelled subjects ("" -> the built-in synthetic set)
     config.predictions = ""  # folder of <subject_id>.nii.gz in the dataset's label convention
-    if arg:
-        raise ValueError(f"unknown variant {arg!r} of configs/evaluate.py (none defined)")
-    return config
+    return apply_variants(config, arg, {}, "evaluate")

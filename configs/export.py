@@ -8,6 +8,8 @@ platform of ``config.platforms`` (one file; the platform is picked where it runs
 
 import ml_collections
 
+from cmfl_jax.config_variants import apply_variants
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
@@ -16,6 +18,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.checkpoint = "best"  # "best" | "final" | "latest"
     config.out_dir = ""  # "" -> <workdir>/bundle
     config.platforms = "cpu,cuda,tpu"  # comma-separated: cpu, cuda, rocm, tpu (lowered here, no such device needed)
-    if arg:
-        raise ValueError(f"unknown variant {arg!r} of configs/export.py (none defined)")
-    return config
+    return apply_variants(config, arg, {}, "export")

@@ -23,6 +23,7 @@ bundles that predict the same outputs; the mean of their probabilities, then lab
 import ml_collections
 
 from cmfl_jax.config_defaults import data_config
+from cmfl_jax.config_variants import apply_variants
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -52,6 +53,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # validation tuned (kept in the checkpoint and the bundle; for an ensemble its CV run's pooled one), or 500 mm³
     # when it has none; 0: off.
     config.postprocess = ml_collections.ConfigDict({"et_min_mm3": -1.0, "wt_min_mm3": 0.0})
-    if arg:
-        raise ValueError(f"unknown variant {arg!r} of configs/predict.py (none defined)")
-    return config
+    return apply_variants(config, arg, {}, "predict")

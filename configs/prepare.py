@@ -5,18 +5,18 @@
 Without a root it generates (once) and prepares the built-in synthetic data set.
 """
 
+import ml_collections
+
 from cmfl_jax.config_defaults import data_config
+from cmfl_jax.config_variants import apply_variants
 
 
-def get_config(arg: str | None = None):
-    import ml_collections
+def _smoke(config: ml_collections.ConfigDict) -> None:
+    config.data.synthetic.update(n=4, shape=(48, 48, 48))
 
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.job = "prepare"
     config.data = data_config()
-    if arg == "smoke":
-        config.data.synthetic.n = 4
-        config.data.synthetic.shape = (48, 48, 48)
-    elif arg:
-        raise ValueError(f"unknown variant {arg!r} of configs/prepare.py (known: smoke)")
-    return config
+    return apply_variants(config, arg, {"smoke": _smoke}, "prepare")

@@ -10,12 +10,11 @@ makes CMFT, CMFF and the demo use exactly those ids; without a file they split t
 import ml_collections
 
 from cmfl_jax.config_defaults import data_config
+from cmfl_jax.config_variants import apply_variants
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.job = "split"
     config.data = data_config()  # data.split: folds, fold, seed (data.root: "" -> the built-in synthetic set)
-    if arg:
-        raise ValueError(f"unknown variant {arg!r} of configs/split.py (none defined)")
-    return config
+    return apply_variants(config, arg, {}, "split")

@@ -38,6 +38,8 @@ import time
 import ml_collections
 import numpy as np
 
+from cmfl_jax.config_variants import load_config, override
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REGIONS = ("ET", "WT", "TC")
 SIZES = {"smoke": "smoke", "cpu-ish": None}  # --size -> variant of configs/demo.py
@@ -99,14 +101,6 @@ CLAIMS = (
 )
 
 
-def set_path(config: ml_collections.ConfigDict, path: str, value) -> None:
-    """``config.a.b = value`` for ``path`` "a.b"."""
-    *parents, leaf = path.split(".")
-    for p in parents:
-        config = config[p]
-    config[leaf] = value
-
-
 def base_stages(size: str, steps: int, cmft_steps: int, seed: int, data_root: str, workdir: str
                 ) -> tuple[dict, list, list]:
     """The demo's CMFT and CMFF stage configs at this size, budget and seed; (stages, train, held-out)."""
@@ -125,12 +119,7 @@ def base_stages(size: str, steps: int, cmft_steps: int, seed: int, data_root: st
 
 
 def demo_config(size: str) -> ml_collections.ConfigDict:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("_cmfl_demo_config", os.path.join(REPO, "configs", "demo.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(SIZES[size])
+    return load_config(os.path.join(REPO, "configs", f"demo.py:{SIZES[size] or ''}"))
 
 
 def _train(name: str, config: ml_collections.ConfigDict, workdir: str, what: str) -> dict:
@@ -158,8 +147,7 @@ def _train(name: str, config: ml_collections.ConfigDict, workdir: str, what: str
 def train_cmft(stage: ml_collections.ConfigDict, run: str, workdir: str) -> dict:
     """The CMFT run ``run`` (``CMFT_RUNS``) in ``workdir``, reused when finished; ``{"seconds", "reused"}``."""
     config = copy.deepcopy(stage)
-    for path, value in CMFT_RUNS[run].items():
-        set_path(config, path, value)
+    override(config, CMFT_RUNS[run])
     return _train("cmft", config, workdir, f"CMFT {run}")
 
 
@@ -168,8 +156,7 @@ def train_variant(stage: ml_collections.ConfigDict, variant: Variant, workdir: s
     from cmfl_jax import checkpoints
 
     config = copy.deepcopy(stage)
-    for path, value in variant.overrides.items():
-        set_path(config, path, value)
+    override(config, variant.overrides)
     if variant.cmft is not None:
         config.init.cmft_workdir = os.path.join(os.path.dirname(workdir), f"cmft_{variant.cmft}")
     run = _train("cmff", config, workdir, f"CMFF {variant.name}")

@@ -177,7 +177,6 @@ def run_jax_unet(case: dict[str, Any]) -> dict[str, Any]:
     """JAX ``UNet3D`` train step and forward for one (size, conv_impl, dtype); the train step with the CPU's
     ``unet_step`` compiler options (:mod:`cmfl_jax.compiler_options`), as the CMFF step has its own."""
     import jax
-
     from cmfl_jax.compiler_options import compiler_options
 
     jax.devices()  # bring the backend up before the baseline
@@ -292,8 +291,8 @@ def run_jax_volume(case: dict[str, Any]) -> dict[str, Any]:
     """Full-volume sliding-window inference with ``cmfl_jax.inference`` (128^3 windows, 50 % overlap, Gaussian)."""
     import jax
     import jax.numpy as jnp
-
     from cmfl_jax.compiler_options import compiler_options
+
     from cmfl_jax.inference.sliding_window import mirrored, sliding_window
     from cmfl_jax.models import UNet3D
 

@@ -30,7 +30,6 @@ import csv
 import datetime
 import json
 import os
-import runpy
 import sys
 import time
 
@@ -39,7 +38,7 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from experiments.ablations import set_path  # noqa: E402  (``config.a.b = value`` for "a.b")
+from cmfl_jax.config_variants import load_config, override  # noqa: E402
 
 REGIONS = ("ET", "WT", "TC")
 DATASETS = {"demo": {"seed": 0, "lgg_fraction": 0.25}, "lgg50": {"seed": 1, "lgg_fraction": 0.5}}
@@ -58,7 +57,7 @@ def log(message: str) -> None:
 
 
 def config_file(name: str, arg: str | None = None):
-    return runpy.run_path(os.path.join(REPO, "configs", f"{name}.py"))["get_config"](arg)
+    return load_config(os.path.join(REPO, "configs", f"{name}.py:{arg or ''}"))
 
 
 def dataset_config(name: str, smoke: bool = False):
@@ -87,8 +86,7 @@ def train_models(name: str, base: str, folds: int, smoke: bool = False) -> tuple
         todo = {"cmft": stages["cmft"], "cmff": copy.deepcopy(stages["cmff"])} if row == "paper" else \
             {"cmff": copy.deepcopy(stages["cmff"])}
         todo["cmff"].init.cmft_workdir = os.path.join(base, "paper", "cmft")
-        for path, value in overrides.items():
-            set_path(todo["cmff"], path, value)
+        override(todo["cmff"], overrides)
         log(f"{name}: {label}")
         if run_stages(todo, folder, split, marker=MARKER, who=f"quality {name} {row}") is None:
             raise SystemExit(f"{folder}: stopped before its last step; run the same command to resume")
@@ -96,8 +94,7 @@ def train_models(name: str, base: str, folds: int, smoke: bool = False) -> tuple
     cv.seed = config.seed
     cv.data.root = paths["train"]  # the training subjects only: the held-out fold stays unseen
     cv.data.split.folds = folds
-    for path, value in ROWS["augment"][1].items():
-        set_path(cv, path, value)
+    override(cv, ROWS["augment"][1])
     folder = os.path.join(base, "ensemble")
     if not os.path.isfile(os.path.join(folder, "cv_summary.json")):
         log(f"{name}: fold ensemble, {folds} folds of the training subjects")

@@ -191,9 +191,9 @@ def test_the_config_block_resolves_to_the_defaults_and_presets_fill_what_is_unse
 
 
 def test_training_patches_passes_the_augment_block(monkeypatch):
-    from configs import cmft
+    from cmfl_jax.config_variants import load_config
 
-    config = cmft.get_config("smoke")
+    config = load_config("cmft:smoke")
     seen = {}
     monkeypatch.setattr(loop, "patch_dataset", lambda entries, *args, **kwargs: seen.update(kwargs))
     loop.training_patches(config, [])

@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 
 from cmfl_jax import checkpoints
+from cmfl_jax.config_variants import load_config
 from cmfl_jax.errors import CMFLError
 from cmfl_jax.inference.bundle import export_bundle, parse_platforms, stablehlo_name
 from cmfl_jax.inference.predictor import load_bundle, load_workdir
 from cmfl_jax.inference.stablehlo import load_stablehlo_predictor
 from cmfl_jax.jobs.predict import run as run_predict
 from cmfl_jax.training.cmff_step import create_state
-from configs import predict as predict_config
 
 from .conftest import REPO, write_tiny_dataset
 from .test_cmff_train import tiny_cmff_config
@@ -101,7 +101,7 @@ def test_predict_with_use_stablehlo_equals_the_params_path(bundle, tmp_path, mon
     write_tiny_dataset(tmp_path / "data", n=1)
     outs = {}
     for use_stablehlo in (False, True):
-        config = predict_config.get_config()
+        config = load_config("predict")
         config.model_dir, config.data.root, config.use_stablehlo = bundle, str(tmp_path / "data"), use_stablehlo
         config.save_probabilities, config.batch_size = True, 3 if use_stablehlo else 1
         config.out_dir = str(tmp_path / f"stablehlo_{use_stablehlo}")
@@ -126,7 +126,7 @@ def test_another_bundle_format_or_a_workdir_is_a_clear_error(bundle, workdir, tm
         with pytest.raises(CMFLError, match=r"bundle.json: bundle format 1 is not supported \(this version reads "
                                             r"format 2\); export the bundle again"):
             load(str(old))
-    config = predict_config.get_config()
+    config = load_config("predict")
     config.model_dir, config.use_stablehlo = str(workdir), True
     config.case = ",".join([os.path.join(bundle, "bundle.json")] * 4)  # any existing files: fails before reading
     with pytest.raises(CMFLError, match=r"config\.use_stablehlo needs a bundle"):

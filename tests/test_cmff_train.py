@@ -12,6 +12,7 @@ import pytest
 from flax import traverse_util
 
 from cmfl_jax import checkpoints
+from cmfl_jax.config_variants import load_config, override
 from cmfl_jax.errors import CMFLError
 from cmfl_jax.jobs.cmff import train as train_cmff
 from cmfl_jax.models import builder
@@ -20,36 +21,29 @@ from cmfl_jax.models.fusion import ATTENTIONS
 from cmfl_jax.training.cmff_step import create_state, make_train_step
 from cmfl_jax.training.cmft_init import initial_params
 from cmfl_jax.training.cmft_step import create_states as create_cmft_states
-from configs import cmff as cmff_config
-from configs import cmft as cmft_config
 
 from .conftest import write_tiny_dataset
 
 PATCH = 16
 
 
-def _override(config, overrides):
-    for key, value in overrides.items():
-        section, name = key.split(".")
-        config[section][name] = value
-    return config
-
-
 def tiny_cmff_config(root, steps=3, **overrides):
-    config = cmff_config.get_config("smoke")
+    config = load_config("cmff:smoke")
     config.data.root = str(root)
     config.data.patch_size = (PATCH,) * 3
     config.model.base, config.model.depth, config.model.conv_impl = 2, 2, "native"
     config.train.steps = steps
     config.data.split.folds, config.val.every = 3, 3
-    return _override(config, overrides)
+    override(config, overrides)
+    return config
 
 
 def tiny_cmft_config(root, **overrides):
-    config = cmft_config.get_config("smoke")
+    config = load_config("cmft:smoke")
     config.data.root = str(root)
     config.model.base, config.model.depth, config.model.conv_impl = 2, 2, "native"
-    return _override(config, overrides)
+    override(config, overrides)
+    return config
 
 
 @pytest.fixture(scope="module")
@@ -92,8 +86,8 @@ def test_grafted_branches_equal_generators_but_for_the_head(data_root, cmft_run)
             np.testing.assert_array_equal(got[key], want[key], err_msg=f"{branch}/{key}")
         assert got["head/kernel"].shape == (1, 1, 1, 2, 4) and want["head/kernel"].shape == (1, 1, 1, 2, 2)
     # S_F starts at random: it equals the random init with the same key.
-    random_params = initial_params(jax.random.key(0), builder.cmff_net(config.model), _override(
-        tiny_cmff_config(data_root), {"init.mode": "random"}))
+    random_params = initial_params(jax.random.key(0), builder.cmff_net(config.model), tiny_cmff_config(
+        data_root, **{"init.mode": "random"}))
     for key, value in flat(params["S_F"]).items():
         np.testing.assert_array_equal(value, flat(random_params["S_F"])[key])
 

@@ -12,15 +12,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cmfl_jax.config_variants import load_config
 from cmfl_jax.jobs.cmft import train as train_cmft
 from cmfl_jax.training.cmft_step import create_states, make_train_step
-from configs import cmft as cmft_config
 
 from .conftest import write_tiny_dataset
 
 
 def tiny_config(root, steps=3, **overrides):
-    config = cmft_config.get_config("smoke")
+    config = load_config("cmft:smoke")
     config.data.root = str(root)
     config.data.patch_size = (32, 32, 32)
     config.train.steps = steps

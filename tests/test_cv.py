@@ -13,6 +13,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from cmfl_jax.config_variants import load_config
 from cmfl_jax.data.io import load_subject
 from cmfl_jax.data.layouts import discover
 from cmfl_jax.data.preprocess import preprocess_images
@@ -24,7 +25,6 @@ from cmfl_jax.jobs import predict
 from cmfl_jax.label_classes import classes_to_labels
 from cmfl_jax.training.cross_validation import pooled_postprocess, summarize
 from cmfl_jax.training.validation import tuned_postprocess
-from configs import predict as predict_config
 
 from .test_cli import run_cli
 
@@ -97,7 +97,7 @@ def test_cv_smoke_folds_summary_and_resume(cv_run):
 
 def predict_probabilities(model_dir: str, root: str, out) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """``{subject: (written labels, saved probabilities)}`` of ``predict`` with ``model_dir``, post-processing off."""
-    config = predict_config.get_config()
+    config = load_config("predict")
     config.model_dir, config.data.root = model_dir, root
     config.save_probabilities, config.postprocess.et_min_mm3 = True, 0.0
     predict.run(config, str(out))
@@ -125,7 +125,7 @@ def test_the_ensemble_is_the_mean_of_the_models_probabilities(tmp_path, cv_run):
         np.testing.assert_allclose(probs, mean, rtol=1e-6, atol=1e-7)
         image = np.moveaxis(preprocess_images(load_subject(subject, with_label=False).images), 0, -1)
         np.testing.assert_array_equal(labels, restrict_to_brain(classes_to_labels(mean.argmax(-1)), image))
-    config = predict_config.get_config()
+    config = load_config("predict")
     assert model_dirs(a) == ([a], None) and type(predict._load_predictor(config, [a])) is Predictor
 
 
@@ -136,7 +136,7 @@ def test_models_trained_on_other_inputs_are_one_line(tmp_path, cv_run):
     run_config = json.loads((other / "config.json").read_text())
     run_config["data"]["normalization"] = "none"
     (other / "config.json").write_text(json.dumps(run_config))
-    config = predict_config.get_config()
+    config = load_config("predict")
     config.model_dir = f"{work / 'fold0' / 'cmff'},{other}"
     config.data.root = str(work / "fold0" / "validation.csv")
     with pytest.raises(CMFLError, match=r"^config\.model_dir: the models disagree on normalization "
@@ -147,7 +147,7 @@ def test_models_trained_on_other_inputs_are_one_line(tmp_path, cv_run):
 
 def test_predict_with_the_cv_workdir_is_the_fold_ensemble(tmp_path, cv_run, caplog):
     work, _, _ = cv_run
-    config = predict_config.get_config()
+    config = load_config("predict")
     config.model_dir, config.data.root = str(work), str(work / "fold0" / "validation.csv")
     caplog.set_level(logging.INFO, logger="absl")
     predict.run(config, str(tmp_path / "out"))

@@ -9,13 +9,13 @@ import os
 import numpy as np
 import pytest
 
+from cmfl_jax.config_variants import load_config
 from cmfl_jax.errors import CMFLError
 from cmfl_jax.inference.ensemble import EnsemblePredictor, model_dirs, read_cv_summary
 from cmfl_jax.inference.sliding_window import restrict_to_brain
 from cmfl_jax.inference.stablehlo import BUNDLE_FILE, BUNDLE_FORMAT, VolumePredictor
 from cmfl_jax.jobs import predict
 from cmfl_jax.label_classes import classes_to_labels
-from configs import predict as predict_config
 
 
 class Fake(VolumePredictor):
@@ -65,7 +65,7 @@ def test_an_ensembles_threshold_is_its_cv_runs_pooled_one_else_the_default(tmp_p
     cv = tmp_path / "cv"
     dirs = [fake_bundle(cv / f"fold{k}" / "cmff", 100.0 * (k + 1)) for k in range(2)]
     (cv / "config.json").write_text(json.dumps({"job": "cv"}))
-    config = predict_config.get_config()
+    config = load_config("predict")
     with pytest.raises(CMFLError, match=r"cv_summary\.json: cannot read the cross-validation summary"):
         model_dirs(str(cv))  # a CV run that has not finished
     (cv / "cv_summary.json").write_text(json.dumps({"models": ["fold0/cmff", "fold1/cmff"],

@@ -8,11 +8,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from cmfl_jax.config_variants import load_config
 from cmfl_jax.data.layouts import discover, to_internal
 from cmfl_jax.errors import CMFLError
 from cmfl_jax.jobs.evaluate import run
 from cmfl_jax.metrics import brats_metrics
-from configs import evaluate as evaluate_config
 
 from .conftest import write_tiny_dataset
 from .test_cli import run_cli
@@ -41,7 +41,7 @@ def read_csv(path):
 def test_tables_equal_a_direct_computation(tmp_path, layout, et_label):
     write_tiny_dataset(tmp_path / "data", n=3, layout=layout)
     arrays = write_predictions(tmp_path / "data", tmp_path / "pred", et_label)
-    config = evaluate_config.get_config()
+    config = load_config("evaluate")
     config.data.root, config.predictions = str(tmp_path / "data"), str(tmp_path / "pred")
     run(config, str(tmp_path / "w"))
     rows = {r["subject_id"]: r for r in read_csv(tmp_path / "w" / "evaluation_per_subject.csv")}
@@ -72,7 +72,7 @@ def test_tables_equal_a_direct_computation(tmp_path, layout, et_label):
 def test_missing_prediction_and_shape_mismatch_name_the_file(tmp_path):
     write_tiny_dataset(tmp_path / "data", n=2)
     write_predictions(tmp_path / "data", tmp_path / "pred", 4)
-    config = evaluate_config.get_config()
+    config = load_config("evaluate")
     config.data.root, config.predictions = str(tmp_path / "data"), str(tmp_path / "pred")
     victim = sorted((tmp_path / "pred").iterdir())[1]
     nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.uint8), np.eye(4)), str(victim))

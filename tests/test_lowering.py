@@ -17,11 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cmfl_jax.config_variants import load_config
 from cmfl_jax.inference.sliding_window import cmff_predict_fn
 from cmfl_jax.models import Conv3D, builder
 from cmfl_jax.training import cmff_step, cmft_step
-from configs import cmff as cmff_config
-from configs import cmft as cmft_config
 
 # The lhs layout of each convolution: ``[b, 0, 1, 2, f]`` (3 spatial dims) or ``[b, 0, 1, f]`` (2D), or their
 # permutations in the gradients.
@@ -45,13 +44,13 @@ def _rng():
 def traced():
     """``{name: jax.stages.Traced}`` of the three programs at smoke sizes (configs' ``:smoke``, conv_impl auto)."""
     out = {}
-    config = cmft_config.get_config("smoke")
+    config = load_config("cmft:smoke")
     assert config.model.conv_impl == "auto"
     image = jax.ShapeDtypeStruct((config.train.batch_size, *config.data.patch_size, 4), jnp.float32)
     states = abstract(cmft_step.create_states(jax.random.key(0), config))
     out["cmft_step"] = cmft_step.make_train_step(config).trace(states, {"image": image}, _rng())
 
-    config = cmff_config.get_config("smoke")
+    config = load_config("cmff:smoke")
     assert config.model.conv_impl == "auto"
     label = jax.ShapeDtypeStruct(image.shape[:-1], jnp.uint8)
     states = {"seg": abstract(cmff_step.create_state(jax.random.key(0), config, resuming=True))}

@@ -9,11 +9,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cmfl_jax.config_variants import load_config
 from cmfl_jax.data.phantom import make_subject
 from cmfl_jax.data.pipeline import crop_centered
 from cmfl_jax.data.preprocess import preprocess_images
 from cmfl_jax.training.cmff_step import create_state, make_train_step
-from configs import cmff as cmff_config
 
 STEPS = 30
 PATCH = (32, 32, 32)
@@ -28,7 +28,7 @@ def phantom_batch() -> dict:
 
 
 def test_bfloat16_cmff_overfits_a_patch_with_float32_params():
-    config = cmff_config.get_config("smoke")  # U-Net base 4, depth 2, random init
+    config = load_config("cmff:smoke")  # U-Net base 4, depth 2, random init
     config.model.dtype, config.model.conv_impl = "bfloat16", "native"
     config.cmff.lr, config.cmff.ce_weight = 1e-2, 1.0  # a fast fall in 30 steps (bf16 and f32 alike)
     batch = phantom_batch()

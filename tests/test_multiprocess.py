@@ -26,12 +26,10 @@ import numpy as np
 import pytest
 
 from cmfl_jax import checkpoints
-from cmfl_jax.sharding import forced_host_devices_env
+from cmfl_jax.config_variants import load_config
 from cmfl_jax.training import cmff_step, cmft_step
-from configs import cmff as cmff_config
-from configs import cmft as cmft_config
 
-from .conftest import REPO, write_tiny_dataset
+from .conftest import REPO, forced_host_devices_env, write_tiny_dataset
 
 PROCESSES = 2
 TIMEOUT_S = 600  # per run: a loaded 2-core machine compiles slowly
@@ -52,7 +50,7 @@ def _overrides(job: str) -> dict:
 
 
 def _config(job: str, data_root):
-    config = (cmft_config if job == "cmft" else cmff_config).get_config("smoke")
+    config = load_config(f"{job}:smoke")
     config.data.root = str(data_root)
     for key, value in _overrides(job).items():
         *path, name = key.split(".")

@@ -12,6 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from cmfl_jax.config_variants import load_config
 from cmfl_jax.data.io import load_subject
 from cmfl_jax.data.layouts import discover
 from cmfl_jax.data.preprocess import preprocess_images
@@ -22,7 +23,6 @@ from cmfl_jax.inference.stablehlo import VolumePredictor
 from cmfl_jax.jobs.cmff import train as train_cmff
 from cmfl_jax.jobs.predict import case_subject, run
 from cmfl_jax.label_classes import classes_to_labels
-from configs import predict as predict_config
 
 from .conftest import write_tiny_dataset
 from .test_cli import run_cli
@@ -53,7 +53,7 @@ def test_load_workdir_restores_the_trained_params(cmff_workdir):
 def test_predictions_keep_geometry_and_label_convention(tmp_path, cmff_workdir, layout, et_label):
     workdir, _ = cmff_workdir
     write_tiny_dataset(tmp_path / "data", n=2, layout=layout)
-    config = predict_config.get_config()
+    config = load_config("predict")
     config.model_dir, config.checkpoint = str(workdir), "final"
     config.data.root = str(tmp_path / "data")
     config.save_probabilities = True
@@ -106,8 +106,9 @@ def test_predict_cli_without_a_model_dir_is_one_line(tmp_path):
 
 
 def test_bundle_round_trip_and_stablehlo_equal_the_model(tmp_path, cmff_workdir):
-    from cmfl_jax.inference.bundle import export_bundle, load_window_function, stablehlo_name
+    from cmfl_jax.inference.bundle import export_bundle, stablehlo_name
     from cmfl_jax.inference.predictor import load_bundle
+    from cmfl_jax.inference.stablehlo import load_exported
 
     workdir, _ = cmff_workdir
     bundle = export_bundle(str(workdir), str(tmp_path / "bundle"), "best")
@@ -117,11 +118,11 @@ def test_bundle_round_trip_and_stablehlo_equal_the_model(tmp_path, cmff_workdir)
     np.testing.assert_array_equal(from_bundle.probabilities(image), from_workdir.probabilities(image))
     window = image[None, :16, :16, :16]
     direct = from_workdir.model.apply({"params": from_workdir.params}, window[..., :2], window[..., 2:])["probs"]
-    serialized = load_window_function(os.path.join(bundle, stablehlo_name((16, 16, 16))))
+    serialized = load_exported(os.path.join(bundle, stablehlo_name((16, 16, 16)))).call
     np.testing.assert_allclose(np.asarray(serialized(window)), np.asarray(direct), rtol=1e-5, atol=1e-6)
     # predict takes the bundle as its model_dir
     write_tiny_dataset(tmp_path / "data", n=1)
-    config = predict_config.get_config()
+    config = load_config("predict")
     config.model_dir, config.data.root = bundle, str(tmp_path / "data")
     run(config, str(tmp_path / "out"))
     assert os.listdir(tmp_path / "out" / "predictions") == ["Brats18_SYN_0000_1.nii.gz"]
@@ -130,7 +131,7 @@ def test_bundle_round_trip_and_stablehlo_equal_the_model(tmp_path, cmff_workdir)
 def test_one_case_from_four_files(tmp_path, cmff_workdir):
     workdir, _ = cmff_workdir
     (subject,) = write_tiny_dataset(tmp_path / "data", n=1)
-    config = predict_config.get_config()
+    config = load_config("predict")
     config.model_dir, config.checkpoint = str(workdir), "final"
     config.case, config.case_id, config.et_label = ",".join(subject.images), "patient7", 3
     config.postprocess.et_min_mm3 = 0.0  # the network's own labels
@@ -153,7 +154,7 @@ def test_a_folder_of_symlinked_subject_folders_predicts(tmp_path, cmff_workdir):
     (tmp_path / "split").mkdir()
     for subject in subjects[:2]:
         os.symlink(subject.folder, tmp_path / "split" / os.path.basename(subject.folder))
-    config = predict_config.get_config()
+    config = load_config("predict")
     config.model_dir, config.checkpoint, config.data.root = str(workdir), "final", str(tmp_path / "split")
     run(config, str(tmp_path / "out"))
     written = sorted(os.listdir(tmp_path / "out" / "predictions"))
@@ -176,7 +177,7 @@ def test_a_wrong_case_is_one_line(tmp_path):
 def test_a_rerun_predicts_only_what_is_missing_or_stale(tmp_path, cmff_workdir, monkeypatch, caplog):
     workdir, _ = cmff_workdir
     subjects = write_tiny_dataset(tmp_path / "data", n=3)
-    config = predict_config.get_config()
+    config = load_config("predict")
     config.model_dir, config.checkpoint = str(workdir), "final"
     config.data.root, config.save_probabilities = str(tmp_path / "data"), True
     out = tmp_path / "out" / "predictions"
@@ -234,7 +235,7 @@ def test_the_tuned_postprocessing_travels_into_the_bundle_and_prediction_applies
         info["postprocess"] = {} if tuned is None else {"et_min_mm3": tuned}
         with open(os.path.join(bundle, "bundle.json"), "w") as f:
             json.dump(info, f)
-        config = predict_config.get_config()
+        config = load_config("predict")
         config.model_dir, config.data.root, config.overwrite = bundle, str(tmp_path / "data"), True
         config.postprocess.et_min_mm3 = et_min_mm3
         run(config, str(tmp_path / "out"))
@@ -274,7 +275,7 @@ def test_whole_volume_window_is_one_network_call(tmp_path, cmff_workdir):
     of 2^depth, in one call, cropped back; computed here directly from the Flax model."""
     workdir, _ = cmff_workdir
     (subject,) = write_tiny_dataset(tmp_path / "data", n=1)
-    config = predict_config.get_config()
+    config = load_config("predict")
     config.model_dir, config.checkpoint = str(workdir), "final"
     config.data.root = str(tmp_path / "data")
     config.window, config.save_probabilities, config.postprocess.et_min_mm3 = "whole", True, 0.0

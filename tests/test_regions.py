@@ -15,6 +15,7 @@ import optax
 import pytest
 
 from cmfl_jax import losses
+from cmfl_jax.config_variants import load_config
 from cmfl_jax.data.io import load_subject
 from cmfl_jax.data.layouts import discover
 from cmfl_jax.errors import CMFLError
@@ -26,8 +27,6 @@ from cmfl_jax.models.cmff import BRANCHES
 from cmfl_jax.models.fusion import ATTENTIONS
 from cmfl_jax.training.cmff_step import create_state, make_train_step
 from cmfl_jax.training.cmft_init import initial_params
-from configs import cmff as cmff_config
-from configs import predict as predict_config
 
 from .conftest import write_tiny_dataset
 from .test_cmff_train import PATCH, flat, tiny_cmff_config, tiny_cmft_config, write_cmft_checkpoint
@@ -69,7 +68,7 @@ def test_classes_path_is_the_argmax_and_a_bad_kind_is_one_line():
     np.testing.assert_array_equal(probs_to_labels(probs, "classes"), [4, 0, 1])
     with pytest.raises(CMFLError, match=r"^config\.model\.output: unknown value 'region'; choose one of"):
         probs_to_labels(probs, "region")
-    config = cmff_config.get_config("smoke")
+    config = load_config("cmff:smoke")
     config.model.output = "masks"
     with pytest.raises(CMFLError, match=r"^config\.model\.output: unknown value 'masks'"):
         make_train_step(config)
@@ -77,7 +76,7 @@ def test_classes_path_is_the_argmax_and_a_bad_kind_is_one_line():
         builder.random_params(builder.cmff_net(config.model), jax.random.key(0))
 
 
-def test_region_dice_loss_by_hand():
+def test_region_dice_by_hand():
     probs = np.array([[[0.8, 0.6, 0.1], [0.5, 0.2, 0.3]]], np.float32)  # (N=1, 2 voxels, 3 regions)
     target = np.array([[[1, 1, 0], [1, 0, 0]]], np.float32)
     eps = 1e-5
@@ -85,7 +84,7 @@ def test_region_dice_loss_by_hand():
     tc = (2 * 0.6 + eps) / (0.6 + 0.2 + 1 + eps)
     et = (0 + eps) / (0.1 + 0.3 + 0 + eps)
     want = 1 - (wt + tc + et) / 3
-    np.testing.assert_allclose(float(losses.region_dice_loss(jnp.asarray(probs), jnp.asarray(target))), want,
+    np.testing.assert_allclose(float(losses.soft_dice_loss(jnp.asarray(probs), jnp.asarray(target))), want,
                                rtol=1e-6)
     # in the CMFF loss: the branch's sigmoid, plus ce_weight x the mean binary cross-entropy
     logits = np.log(probs / (1 - probs))
@@ -199,7 +198,7 @@ def test_train_validate_export_and_predict_both_paths_agree(tmp_path, data_root,
     write_tiny_dataset(tmp_path / "data", n=1)
     outs = {}
     for use_stablehlo in (False, True):
-        predict = predict_config.get_config()
+        predict = load_config("predict")
         predict.model_dir, predict.data.root, predict.use_stablehlo = bundle, str(tmp_path / "data"), use_stablehlo
         predict.save_probabilities, predict.postprocess.et_min_mm3 = True, 0.0
         predict.out_dir = str(tmp_path / f"stablehlo_{use_stablehlo}")

@@ -14,9 +14,7 @@ import sys
 
 import numpy as np
 
-from cmfl_jax.sharding import forced_host_devices_env
-
-from .conftest import REPO
+from .conftest import REPO, forced_host_devices_env
 
 DEVICES = 4
 PHASES = ("cmft", "cmff")
@@ -86,9 +84,9 @@ def _check_network(net: str, one, many, before) -> None:
 
 
 def _config(phase: str):
-    from configs import cmff, cmft
+    from cmfl_jax.config_variants import load_config
 
-    config = (cmft if phase == "cmft" else cmff).get_config("smoke")  # 32^3 patches, U-Net base 4, depth 2
+    config = load_config(f"{phase}:smoke")  # 32^3 patches, U-Net base 4, depth 2
     config.model.conv_impl = "native"
     lr = max(config.cmft.g_lr, config.cmft.d_lr) if phase == "cmft" else config.cmff.lr
     assert lr == LR, lr

@@ -10,6 +10,7 @@ import os
 import pytest
 
 from cmfl_jax import checkpoints
+from cmfl_jax.config_variants import load_config
 from cmfl_jax.data.csv_layout import read_subject_csv
 from cmfl_jax.data.layouts import discover
 from cmfl_jax.data.splits import split_subjects
@@ -18,7 +19,6 @@ from cmfl_jax.jobs import cmft as cmft_job
 from cmfl_jax.jobs import split as split_job
 from cmfl_jax.training import loop
 from cmfl_jax.training.validation import Validator
-from configs import split as split_config
 
 from .conftest import write_tiny_dataset
 from .test_bad_inputs import assert_one_line_error
@@ -42,7 +42,7 @@ def ids(subjects) -> list[str]:
 
 def write_split_files(root, workdir, **settings) -> dict:
     """The ``split`` job run in-process (as the CLI runs it); returns split.json."""
-    config = split_config.get_config()
+    config = load_config("split")
     config.data.root = str(root)
     for key, value in settings.items():
         config.data.split[key] = value
@@ -85,11 +85,12 @@ def test_cmft_then_cmff_on_one_root_never_trains_cmft_on_a_validation_subject(ro
 
 
 def test_the_default_configs_share_one_split():
-    from configs import cmff, cmft
+    from cmfl_jax.config_variants import load_config
 
-    for variant in (None, "smoke", "cpu", "full"):
-        assert cmft.get_config(variant).data.split.to_dict() == cmff.get_config(variant).data.split.to_dict()
-    assert "folds" not in cmff.get_config().val and "seed" not in cmff.get_config().val
+    for variant in ("", "smoke", "cpu", "full"):
+        cmft, cmff = load_config(f"cmft:{variant}"), load_config(f"cmff:{variant}")
+        assert cmft.data.split.to_dict() == cmff.data.split.to_dict()
+    assert "folds" not in load_config("cmff").val and "seed" not in load_config("cmff").val
 
 
 def test_cmft_and_cmff_with_a_split_file_use_exactly_its_ids(root, tmp_path, monkeypatch):

@@ -35,10 +35,10 @@ from cmfl_jax import checkpoints
 from cmfl_jax.data.pairs import split_pairs
 from cmfl_jax.errors import CMFLError
 from cmfl_jax.inference.predictor import CHECKPOINT_DIRS, Predictor, load_workdir
-from cmfl_jax.inference.stablehlo import BUNDLE_FILE, BUNDLE_FORMAT, load_exported, stablehlo_name
+from cmfl_jax.inference.stablehlo import BUNDLE_FILE, BUNDLE_FORMAT, stablehlo_name
 from cmfl_jax.label_classes import CLASS_LABELS, REGION_LABELS
 
-__all__ = ["DEFAULT_PLATFORMS", "PLATFORMS", "export_bundle", "export_window_function", "load_window_function",
+__all__ = ["DEFAULT_PLATFORMS", "PLATFORMS", "export_bundle", "export_window_function",
            "parse_platforms", "stablehlo_name"]
 
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")  # what jax.export lowers for
@@ -69,11 +69,6 @@ def export_window_function(predictor: Predictor, window=None, platforms=DEFAULT_
     exported = jax.export.export(jax.jit(probs), platforms=tuple(platforms))(
         jax.ShapeDtypeStruct((batch, *window, 4), jnp.float32))
     return bytes(exported.serialize())
-
-
-def load_window_function(path: str):
-    """The deserialized window function of a bundle: ``f(x)`` with ``x`` of shape ``(b, D, H, W, 4)``."""
-    return load_exported(path).call
 
 
 def export_bundle(model_dir: str, out_dir: str, checkpoint: str = "best", platforms=DEFAULT_PLATFORMS) -> str:

@@ -17,7 +17,6 @@ from collections.abc import Callable, Sequence
 import jax
 import numpy as np
 
-from cmfl_jax.compiler_options import compiler_options
 from cmfl_jax.data.pairs import split_pairs
 from cmfl_jax.errors import CMFLError
 
@@ -142,7 +141,7 @@ def cmff_predict_fn(model, pairing: str, mirror: bool = False) -> Callable[[dict
         a, b = split_pairs(x, pairing)
         return model.apply({"params": params}, a, b)["probs"]
 
-    plain = jax.jit(probs, compiler_options=compiler_options("window"))
+    plain = jax.jit(probs)
     if mirror:
         return lambda params, x: mirrored(lambda y: plain(params, y))(x)
     return plain

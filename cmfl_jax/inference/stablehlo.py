@@ -18,7 +18,6 @@ import os
 import jax
 import numpy as np
 
-from cmfl_jax.compiler_options import compiler_options
 from cmfl_jax.data.preprocess import preprocess_images
 from cmfl_jax.errors import CMFLError
 from cmfl_jax.inference.sliding_window import mirrored, restrict_to_brain, sliding_window
@@ -103,7 +102,7 @@ class StableHLOPredictor(VolumePredictor):
         self.normalization, self.source, self.output = normalization, source, check_output(output)
         self._symbolic_batch = not isinstance(exported.in_avals[0].shape[0], int)
         # compiled once per batch shape; mirroring calls it once per flip
-        plain = jax.jit(exported.call, compiler_options=compiler_options("window"))
+        plain = jax.jit(exported.call)
         self._fns = {False: plain, True: mirrored(plain)}
 
     def probabilities(self, image: np.ndarray, overlap: float = 0.5, batch_size: int = 1, mirror: bool = False,

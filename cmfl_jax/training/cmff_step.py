@@ -23,8 +23,6 @@ from cmfl_jax.models import builder
 from cmfl_jax.training.cmft_init import initial_params
 from cmfl_jax.training.state import create_train_state, make_optimizer, skip_nonfinite
 
-OPTIONS = "cmff_step"  # its XLA options on the CPU: cmfl_jax.compiler_options.CPU_OPTIONS
-
 
 def create_state(rng: jax.Array, config: ml_collections.ConfigDict, resuming: bool = False
                  ) -> train_state.TrainState:
@@ -55,4 +53,4 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh |
     """The jitted step (states donated), data parallel over ``mesh`` (default: all devices)."""
     step = functools.partial(train_step, pairing=config.data.pairing, ce_weight=config.cmff.ce_weight,
                              output=check_output(config.model.get("output", "classes")))
-    return sharding.jit_train_step(step, mesh, OPTIONS)
+    return sharding.jit_train_step(step, mesh)

@@ -23,7 +23,6 @@ GENERATORS = {"cycle": ("g_ab", "g_ba"), "self": ("g_aa", "g_bb")}
 GENERATOR_LOSSES = {"cycle": losses.cmft_generator_loss, "self": losses.self_reconstruction_generator_loss}
 
 
-OPTIONS = "cmft_step"  # its XLA options on the CPU: cmfl_jax.compiler_options.CPU_OPTIONS
 
 
 def create_states(rng: jax.Array, config: ml_collections.ConfigDict) -> dict:
@@ -101,4 +100,4 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh |
     c = config.cmft
     step = functools.partial(train_step, pairing=config.data.pairing, objective=c.objective,
                              lambda_cycle=c.lambda_cycle, identity_weight=c.identity_weight)
-    return sharding.jit_train_step(step, mesh, OPTIONS)
+    return sharding.jit_train_step(step, mesh)
