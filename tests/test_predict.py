@@ -58,7 +58,7 @@ def test_predictions_keep_geometry_and_label_convention(tmp_path, cmff_workdir, 
     config.data.root = str(tmp_path / "data")
     config.save_probabilities = True
     config.overlays = True
-    config.postprocess.et_min_mm3 = 0.0  # the network's own labels (post-processing: test_postprocessing_...)
+    config.postprocess.et_min_mm3 = 123.0  # not the tuned value  # the network's own labels (post-processing: test_postprocessing_...)
     run(config, str(tmp_path / "out"))
     overlays = sorted(os.listdir(tmp_path / "out" / "overlays"))
     assert overlays == sorted(f"{s.subject_id}.png" for s in discover(str(tmp_path / "data"), False))
@@ -134,7 +134,7 @@ def test_one_case_from_four_files(tmp_path, cmff_workdir):
     config = load_config("predict")
     config.model_dir, config.checkpoint = str(workdir), "final"
     config.case, config.case_id, config.et_label = ",".join(subject.images), "patient7", 3
-    config.postprocess.et_min_mm3 = 0.0  # the network's own labels
+    config.postprocess.et_min_mm3 = 123.0  # not the tuned value  # the network's own labels
     run(config, str(tmp_path / "out"))
     assert os.listdir(tmp_path / "out" / "predictions") == ["patient7.nii.gz"]
     written = np.asarray(nib.load(tmp_path / "out" / "predictions" / "patient7.nii.gz").dataobj)
@@ -191,7 +191,7 @@ def test_a_rerun_predicts_only_what_is_missing_or_stale(tmp_path, cmff_workdir, 
         caplog.clear()
         config.update(overrides)
         run(config, str(tmp_path / "out"))
-        mtimes = {f: os.stat(out / f).st_mtime_ns for f in os.listdir(out)}
+        mtimes = {f: os.stat(out / f).st_mtime_ns for f in os.listdir(out) if f != "predict_record.json"}
         return len(predicted), mtimes
 
     calls, first = rerun()
@@ -207,6 +207,20 @@ def test_a_rerun_predicts_only_what_is_missing_or_stale(tmp_path, cmff_workdir, 
     assert calls == 1 and third[f"{ids[2]}_probabilities.nii.gz"] > second[f"{ids[1]}.nii.gz"]
     calls, fourth = rerun(overwrite=True)
     assert calls == 3 and all(fourth[f] > third[f] for f in third) and "predict: skipped" not in caplog.text
+    config.overwrite = False
+    # A changed setting or model redoes every subject, even though the files are newer than the model.
+    before = fourth
+    for change in ({"mirror": True}, {"window": "16,16,16"}, {"checkpoint": "best"}):
+        calls, after = rerun(**change)
+        assert calls == 3 and all(after[f] > before[f] for f in before), change
+        before = after
+    config.postprocess.et_min_mm3 = 123.0  # not the tuned value
+    calls, after = rerun()
+    assert calls == 3 and all(after[f] > before[f] for f in before)
+    calls, _ = rerun()  # nothing changed since: nothing redone
+    assert calls == 0
+    record = json.loads((out / "predict_record.json").read_text())
+    assert sorted(record) == sorted(ids) and record[ids[0]]["mirror"] is True and record[ids[0]]["et_min_mm3"] == 123
 
 
 def test_the_tuned_postprocessing_travels_into_the_bundle_and_prediction_applies_it(tmp_path, cmff_workdir,

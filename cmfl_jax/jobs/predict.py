@@ -9,12 +9,14 @@ by sliding windows (:func:`cmfl_jax.inference.sliding_window`), set to backgroun
 as ``<subject_id>.nii.gz`` with the input's affine and header in the dataset's own label convention (ET = 4, or 3
 for BraTS 2023+), atomically. Several models (``config.model_dir`` a comma-separated list, or a CV workdir for its
 folds' CMFF runs) predict as one ensemble: the mean of their probabilities (:mod:`cmfl_jax.inference.ensemble`),
-post-processed with the CV run's pooled tuned threshold. A re-run skips the subjects whose outputs are all there
-(resumable; ``overwrite`` redoes them).
+post-processed with the CV run's pooled tuned threshold. A re-run skips the subjects whose outputs are all there,
+newer than the model and the images, and made with the same model and settings (``predict_record.json`` beside
+the outputs keeps them per subject); ``overwrite`` redoes them all.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
@@ -25,7 +27,7 @@ import numpy as np
 from absl import logging
 
 from cmfl_jax.data.dataset import resolve_root
-from cmfl_jax.data.io import load_subject, write_nifti
+from cmfl_jax.data.io import atomic_path, load_subject, write_nifti
 from cmfl_jax.data.layouts import MODALITIES, Subject, discover, to_dataset
 from cmfl_jax.errors import CMFLError
 from cmfl_jax.inference.ensemble import EnsemblePredictor, model_dirs
@@ -124,9 +126,36 @@ def _mtime(path: str) -> float:
     return max(times)
 
 
-def _up_to_date(outputs: list[str], subject: Subject, model_time: float) -> bool:
-    """Every output exists and is newer than the model and the subject's images (``make``'s rule)."""
-    if not all(os.path.isfile(p) for p in outputs):
+RECORD = "predict_record.json"  # beside the outputs: the model and settings each subject was predicted with
+
+
+def _settings(config: ml_collections.ConfigDict, dirs: list[str], et_min: float, wt_min: float) -> dict:
+    """What decides a subject's outputs: the models, the checkpoint, and every setting that changes the labels."""
+    return {"models": [os.path.abspath(d) for d in dirs], "checkpoint": config.checkpoint,
+            "use_stablehlo": bool(config.use_stablehlo), "overlap": float(config.overlap),
+            "window": str(config.get("window", "")), "mirror": bool(config.mirror),
+            "et_min_mm3": float(et_min), "wt_min_mm3": float(wt_min),
+            "save_probabilities": bool(config.save_probabilities)}
+
+
+def _read_record(out_dir: str) -> dict:
+    try:
+        with open(os.path.join(out_dir, RECORD)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}  # none yet, or unreadable: every subject is redone
+
+
+def _write_record(out_dir: str, record: dict) -> None:
+    with atomic_path(os.path.join(out_dir, RECORD)) as tmp, open(tmp, "w") as f:
+        json.dump(record, f, indent=1, sort_keys=True)
+
+
+def _up_to_date(outputs: list[str], subject: Subject, model_time: float, recorded: dict | None,
+                settings: dict) -> bool:
+    """Every output exists, is newer than the model and the subject's images (``make``'s rule), and was made with
+    these models and settings."""
+    if recorded != settings or not all(os.path.isfile(p) for p in outputs):
         return False
     return min(map(os.path.getmtime, outputs)) >= max(model_time, *map(os.path.getmtime, subject.images))
 
@@ -147,10 +176,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     logging.info("predict: post-processing: enhancing tumour under %g mm³ becomes NCR/NET (%s%s); whole-tumour "
                  "components under %g mm³ removed", et_min, "off: " if et_min == 0 else "", how, wt_min)
     model_time = max(_mtime(source) for source in getattr(predictor, "sources", [predictor.source]))
-    todo = [s for s in subjects
-            if config.overwrite or not _up_to_date(_outputs(out_dir, s, config.save_probabilities), s, model_time)]
+    settings, record = _settings(config, dirs, et_min, wt_min), _read_record(out_dir)
+    todo = [s for s in subjects if config.overwrite or not _up_to_date(
+        _outputs(out_dir, s, config.save_probabilities), s, model_time, record.get(s.subject_id), settings)]
     if len(todo) < len(subjects):
-        logging.info("predict: skipped %d of %d subject(s) already predicted in %s by this model "
+        logging.info("predict: skipped %d of %d subject(s) already predicted in %s by this model with these settings "
                      "(config.overwrite=true redoes them)", len(subjects) - len(todo), len(subjects), out_dir)
     for subject in progress(todo, desc="predict: subject"):
         start = time.perf_counter()
@@ -164,6 +194,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
         if config.save_probabilities:
             write_nifti(out[1], probs.astype(np.float32), loaded.affine, header)
         write_nifti(out[0], to_dataset(pred, subject.et_label), loaded.affine, header)
+        record[subject.subject_id] = settings
+        _write_record(out_dir, record)
         if config.overlays:
             save_orthogonal_png(os.path.join(workdir, "overlays", f"{subject.subject_id}.png"), image, pred,
                                 loaded.label, title=subject.subject_id)
