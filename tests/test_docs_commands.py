@@ -1,49 +1,42 @@
-"""Every command in the README and docs/ names modules, config files, variants and config keys that exist.
+"""Every command in the README and docs/ names modules, config files, variants, keys, flags and values that exist.
 
-Commands are read from the fenced code blocks (backslash continuations joined); config overrides written
-inline in the text (`` `--config.data.split.folds=0` ``) must exist in at least one job's config.
+Commands are read from every fenced code block (backslash continuations joined). For ``cmfl_jax.main`` the config
+file is loaded with its variant, and each ``--config.key=value`` is applied to it as the command line would (an
+unknown key or a value of the wrong type fails); any other module's arguments go through that module's own
+argparse parser (an unknown flag, a bad choice or type fails). Overrides written inline in the text
+(`` `--config.data.split.folds=0` ``) must fit a config the same paragraph names (or, failing that, the last one
+named above it in the same section).
 """
 
 from __future__ import annotations
 
+import argparse
 import glob
-import importlib.util
 import os
 import re
+import runpy
 import shlex
+import sys
+from unittest import mock
 
 import ml_collections
 import pytest
 
+from cmfl_jax.config_variants import _parse_value, load_config, override
 from tests.conftest import REPO
 
 DOCS = [os.path.join(REPO, "README.md"), *sorted(glob.glob(os.path.join(REPO, "docs", "*.md")))]
-CONFIG_FILES = sorted(glob.glob(os.path.join(REPO, "configs", "*.py")))
-
-
-def load_config(path: str, variant: str | None) -> ml_collections.ConfigDict:
-    spec = importlib.util.spec_from_file_location(f"_doc_config_{os.path.basename(path)[:-3]}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(variant)
-
-
-def has_key(config: ml_collections.ConfigDict, dotted: str) -> bool:
-    node = config
-    for part in dotted.split("."):
-        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-            return False
-        node = node[part]
-    return True
+NOT_CHECKED = ("venv", "pip", "pytest")  # their own flags
 
 
 def code_commands(path: str) -> list[str]:
-    """Shell lines of the fenced blocks of a Markdown file that run Python or the console command."""
-    text = open(path).read()
+    """Shell lines of every fenced block of a Markdown file that run Python or the console command."""
     commands = []
-    for block in re.findall(r"```(?:bash|sh)?\n(.*?)```", text, flags=re.S):
+    for block in re.findall(r"```[^\n]*\n(.*?)```", open(path).read(), flags=re.S):
         for line in block.replace("\\\n", " ").splitlines():
             line = line.split(" #")[0].strip()
+            if line.startswith("`"):
+                continue  # Markdown shown as a program's output, quoting a command
             if re.search(r"python3? -m |cmfl-jax ", line):
                 commands.append(line)
     return commands
@@ -81,6 +74,49 @@ def _after_python(words: list[str]) -> list[list[str]]:
     return []
 
 
+class _Parsed(Exception):
+    pass
+
+
+def parse_module_args(module: str, args: list[str]) -> argparse.Namespace:
+    """``args`` parsed by the argparse parser ``python -m module`` builds, stopping before the module does any
+    work; a rejected argument raises ``SystemExit``."""
+    original = argparse.ArgumentParser.parse_args
+    seen = {}
+
+    def parse_and_stop(self, argv=None, namespace=None):
+        seen["namespace"] = original(self, argv, namespace)
+        raise _Parsed
+
+    with mock.patch.object(argparse.ArgumentParser, "parse_args", parse_and_stop), \
+            mock.patch.object(sys, "argv", [module, *args]):
+        try:
+            runpy.run_module(module, run_name="__main__", alter_sys=False)
+        except _Parsed:
+            return seen["namespace"]
+    raise AssertionError(f"python -m {module} parsed no arguments with argparse")
+
+
+def check_main_command(args: list[str]) -> None:
+    config_arg = next((a for a in args if a.startswith("--config=")), None)
+    assert config_arg, "no --config="
+    spec = config_arg.split("=", 1)[1]
+    assert os.path.isfile(os.path.join(REPO, spec.partition(":")[0])), f"{spec}: no such config file"
+    config = load_config(spec)
+    for arg in args:
+        if arg.startswith("--config."):
+            key, _, value = arg[len("--config."):].partition("=")
+            override(config, {key: _parse_value(value, _lookup_or_fail(config, key, spec))})
+
+
+def _lookup_or_fail(config: ml_collections.ConfigDict, key: str, spec: str) -> object:
+    node: object = config
+    for part in key.split("."):
+        assert isinstance(node, ml_collections.ConfigDict) and part in node, f"{spec} has no key {key}"
+        node = node[part]
+    return node
+
+
 COMMANDS = all_commands()
 
 
@@ -93,39 +129,74 @@ def test_the_docs_hold_commands():
 def test_command_names_what_exists(doc, command):
     for args in python_invocations(command):
         module, rest = args[0], args[1:]
-        if module in ("venv", "pip", "pytest"):
+        if module in NOT_CHECKED:
             continue
-        if module.startswith("experiments."):
-            path = os.path.join(REPO, *module.split(".")) + ".py"
-            assert os.path.isfile(path), f"{doc}: {module} does not exist"
-            source = open(path).read()
-            for flag in (a.split("=")[0] for a in rest if a.startswith("--")):
-                assert f'"{flag}"' in source, f"{doc}: {module} has no flag {flag}"
+        if module == "cmfl_jax.main":
+            check_main_command(rest)
+        else:
+            parse_module_args(module, rest)
+
+
+def inline_overrides(text: str) -> list[tuple[str, str, list[str]]]:
+    """``(key, value, configs in context)`` for each inline `` `--config.key=value` `` of a document: the configs
+    its paragraph names, and those of the last command block of its section (or of the last paragraph above that
+    named one)."""
+    config_name = r"configs/([a-z_]+\.py(?::[a-z0-9_,]+)?)"
+    found, section = [], []
+    blocks = re.findall(r"```.*?```", text, flags=re.S)
+    for i, segment in enumerate(re.split(r"```.*?```", text, flags=re.S)):
+        for paragraph in re.split(r"\n\s*\n", segment):
+            if paragraph.lstrip().startswith("#"):
+                section = []  # a new section
+            here = re.findall(config_name, paragraph)
+            for key, value in re.findall(r"--config\.([a-z_][a-z0-9_.]*[a-z0-9_])(?:=([^`\s]*))?", paragraph):
+                found.append((key, value, sorted(set(here + section))))
+            section = section or here
+        if i < len(blocks):
+            section = re.findall(config_name, blocks[i]) or section
+    return found
+
+
+def inline_fits(key: str, value: str, named: list[str]) -> bool:
+    for spec in named or [os.path.basename(p) for p in sorted(glob.glob(os.path.join(REPO, "configs", "*.py")))]:
+        config = load_config(os.path.join(REPO, "configs", spec))
+        try:
+            old = _lookup_or_fail(config, key, spec)
+            if value:
+                override(config, {key: _parse_value(value, old)})
+            return True
+        except (AssertionError, KeyError, TypeError, ValueError):
             continue
-        assert importlib.util.find_spec(module) is not None, f"{doc}: module {module} does not exist"
-        if module != "cmfl_jax.main":
-            continue
-        config_arg = next((a for a in rest if a.startswith("--config=")), None)
-        assert config_arg, f"{doc}: {command} has no --config="
-        path, _, variant = config_arg.split("=", 1)[1].partition(":")
-        assert os.path.isfile(os.path.join(REPO, path)), f"{doc}: {path} does not exist"
-        config = load_config(os.path.join(REPO, path), variant or None)
-        for arg in rest:
-            if arg.startswith("--config."):
-                key = arg[len("--config."):].split("=")[0]
-                assert has_key(config, key), f"{doc}: {path}{':' + variant if variant else ''} has no key {key}"
+    return False
 
 
-def test_inline_overrides_name_existing_keys():
-    configs = [load_config(p, None) for p in CONFIG_FILES]
-    for doc in DOCS:
-        for key in sorted({k.rstrip(".") for k in re.findall(r"--config\.([a-z_][a-z0-9_.]*)", open(doc).read())}):
-            assert any(has_key(c, key) for c in configs), f"{os.path.relpath(doc, REPO)}: no config has key {key}"
+@pytest.mark.parametrize("doc", DOCS, ids=[os.path.relpath(d, REPO) for d in DOCS])
+def test_inline_overrides_fit_the_config_they_are_written_for(doc):
+    wrong = [f"--config.{k}={v} ({', '.join(n) or 'no config named'})"
+             for k, v, n in inline_overrides(open(doc).read()) if not inline_fits(k, v, n)]
+    assert not wrong, f"{os.path.relpath(doc, REPO)}: {wrong}"
 
 
-def test_the_checker_catches_a_wrong_key():
-    config = load_config(os.path.join(REPO, "configs", "cmff.py"), "smoke")
-    assert has_key(config, "init.cmft_workdir") and not has_key(config, "init.cmft_dir")
+def test_the_checker_catches_wrong_keys_values_and_flags():
+    check_main_command(["--config=configs/cmff.py:smoke", "--config.init.cmft_workdir=x", "--config.train.steps=3"])
+    with pytest.raises(AssertionError, match=r"has no key init\.cmft_dir"):
+        check_main_command(["--config=configs/cmff.py:smoke", "--config.init.cmft_dir=x"])
+    with pytest.raises(TypeError):
+        check_main_command(["--config=configs/cmff.py", "--config.train.steps=many"])
+    with pytest.raises(ValueError, match="unknown variant 'tiny'"):
+        check_main_command(["--config=configs/cmff.py:tiny"])
+    assert parse_module_args("experiments.ablations", ["--seeds", "0", "1"]).seeds == [0, 1]
+    with pytest.raises(SystemExit):
+        parse_module_args("experiments.ablations", ["--no-such-flag"])
+    with pytest.raises(SystemExit):
+        parse_module_args("experiments.ablations", ["--seeds", "zero"])
+    # an inline key is held against the config its paragraph names, not any config
+    assert inline_overrides("Run `configs/predict.py` with `--config.mirror=true`.") == [
+        ("mirror", "true", ["predict.py"])]
+    assert inline_overrides("```\npython -m cmfl_jax.main --config=configs/cmff.py\n```\n\nSee `configs/cmft.py`."
+                            "\n\nWith `--config.val.every=3`.")[0][2] == ["cmff.py"]
+    assert inline_fits("mirror", "true", ["predict.py"]) and not inline_fits("mirror", "true", ["cmft.py"])
+    assert not inline_fits("train.steps", "lots", ["cmff.py"])
     assert python_invocations("a && .venv/bin/python -m cmfl_jax.main --config=configs/cmff.py --config.x=1") == [
         ["cmfl_jax.main", "--config=configs/cmff.py", "--config.x=1"]]
     assert python_invocations('ssh h --command="cd x && python -m cmfl_jax.main --config=c.py --config.y=2"') == [

@@ -58,7 +58,7 @@ def test_predictions_keep_geometry_and_label_convention(tmp_path, cmff_workdir, 
     config.data.root = str(tmp_path / "data")
     config.save_probabilities = True
     config.overlays = True
-    config.postprocess.et_min_mm3 = 123.0  # not the tuned value  # the network's own labels (post-processing: test_postprocessing_...)
+    config.postprocess.et_min_mm3 = 0.0  # the network's own labels (post-processing: test_postprocessing_...)
     run(config, str(tmp_path / "out"))
     overlays = sorted(os.listdir(tmp_path / "out" / "overlays"))
     assert overlays == sorted(f"{s.subject_id}.png" for s in discover(str(tmp_path / "data"), False))
