@@ -22,8 +22,8 @@ def data_config() -> ml_collections.ConfigDict:
         {
             "root": "",  # a folder of BraTS subjects, or a CSV of the explicit layout
             "cache_dir": "",  # "" -> $CMFL_JAX_CACHE or ~/.cache/cmfl_jax
-            # "auto": float16 memory map for z-scored data (~29 MB per BraTS subject, fastest patch reads),
-            # else "blosc2" (float32, lossless, ~23 MB); "npy": float32 memory map (~62 MB)
+            # "auto": float16 memory map for z-scored data (fastest patch reads), else "blosc2" (float32,
+            # lossless, the smallest); "npy": float32 memory map (the largest); sizes in docs/data.md
             "cache_storage": "auto",
             "normalization": "zscore_brain",  # or "none"
             "require_labels": True,
@@ -47,7 +47,7 @@ def augment_config() -> ml_collections.ConfigDict:
     Every probability unset: the preset's (``none``: 0, the paper's recipe, no augmentation; ``nnunet``: mirror
     0.5 per axis, rotation and scaling 0.2 each, intensity 0.15, gamma 0.3, noise 0.1, blur 0.2). A probability
     set on the command line wins over the preset's, e.g. ``--config.data.augment.preset=nnunet
-    --config.data.augment.p_rotate=0`` (rotation and scaling cost ~1 s per 128^3 patch on a CPU core).
+    --config.data.augment.p_rotate=0`` (rotation and scaling are the costly transforms on a CPU: docs/timings.md).
     """
     unset = ("p_mirror", "p_rotate", "p_scale", "p_intensity", "p_gamma", "p_noise", "p_blur")
     return ml_collections.ConfigDict(
@@ -122,7 +122,7 @@ def use_smoke_sizes(config: ml_collections.ConfigDict) -> None:
 
 
 def use_cpu_sizes(config: ml_collections.ConfigDict) -> None:
-    """What 2 CPU cores train in tens of minutes: 20 synthetic subjects at 96x96x64 (~2.4 mm voxels),
+    """What 2 CPU cores train in a short run: 20 synthetic subjects at 96x96x64 (~2.4 mm voxels),
     64^3 patches, U-Net base 8, depth 3. Shared by ``configs/cmft.py:cpu`` and ``configs/cmff.py:cpu``.
     """
     config.data.synthetic.n = 20

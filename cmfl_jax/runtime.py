@@ -23,7 +23,7 @@ def log_to_stdout() -> None:
 
 
 def enable_compilation_cache() -> None:
-    """Persist XLA compilations (a 3D U-Net step takes ~1 min to compile on CPU) across runs and resumes:
+    """Persist XLA compilations (a 3D U-Net step takes long to compile on a CPU) across runs and resumes:
     under the cache folder, unless JAX's own ``JAX_COMPILATION_CACHE_DIR`` names another (the tests share one)."""
     import jax
 

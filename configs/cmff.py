@@ -1,8 +1,9 @@
 """Phase 2, CMFF: segmentation with S_A, S_B initialised from the CMFT generators and the fusion branch S_F.
 
   python -m cmfl_jax.main --config=configs/cmff.py --workdir=runs/cmff --config.init.cmft_workdir=runs/cmft
-Variants: ``configs/cmff.py:smoke`` (seconds, 32^3, base 4, depth 2; random init unless a CMFT smoke workdir
-is given), ``:cpu`` (starts from ``configs/cmft.py:cpu``; ~30 min on 2 CPU cores), ``:full`` (the paper's
+Variants (they combine, with ``key=value`` parts too: ``configs/cmff.py:cpu,regions,train.steps=200``):
+``configs/cmff.py:smoke`` (tests and CI: 32^3, base 4, depth 2; random init unless a CMFT smoke workdir
+is given), ``:cpu`` (starts from ``configs/cmft.py:cpu``; a CPU run, times in docs/timings.md), ``:full`` (the paper's
 sizes, the same as the default: 128^3 patches, base 16, depth 4, Adam 1e-4, Dice only; 20000 steps is this project's
 choice, the paper gives only its training time, 18 h 57 min; a GPU/TPU job).
 The subjects: ``config.data.split`` (shared with CMFT): 5 folds by seed 0, fold 0 is held out for validation and
@@ -12,7 +13,8 @@ W/split.json`` uses the ids of a split written by ``configs/split.py``. Validati
 the first ``val.max_subjects`` (20) held-out ids, at the last step on the whole fold (``val.full_at_end``).
 Ablations are config values: ``--config.model.branches=A|B|A+B|fusion`` and ``--config.model.attention=
 mask|cbam|none`` (Table 2), ``--config.init.mode=cmft|random|self`` and ``--config.data.pairing`` (Table 4);
-``--config.model.output=regions`` trains WT/TC/ET sigmoid heads with a region Dice (docs/method.md).
+``--config.model.output=regions`` (or the variant ``regions``) trains WT/TC/ET sigmoid heads with a region Dice
+(docs/method.md).
 Data augmentation (not in the paper, off by default): ``--config.data.augment.preset=nnunet`` (docs/data.md).
 """
 

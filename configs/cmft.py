@@ -1,8 +1,9 @@
 """Phase 1, CMFT: the CycleGAN between the modality pairs (section 3.1).
 
   python -m cmfl_jax.main --config=configs/cmft.py --workdir=runs/cmft [--config.data.root=/data/BraTS2018]
-Variants: ``configs/cmft.py:smoke`` (seconds, 32^3, base 4, depth 2), ``:cpu`` (the CPU demonstration that
-``configs/cmff.py:cpu`` starts from), ``:cpu64`` (the paper's U-Net at 64^3, ~15 min on 2 CPU cores),
+Variants (they combine with ``key=value`` parts: ``configs/cmft.py:cpu,train.steps=100``):
+``configs/cmft.py:smoke`` (tests and CI: 32^3, base 4, depth 2), ``:cpu`` (the CPU demonstration that
+``configs/cmff.py:cpu`` starts from), ``:cpu64`` (the paper's U-Net at 64^3, a CPU run),
 ``:full`` (the paper's sizes, the same as the default: 128^3 patches, base 16, depth 4; 20000 steps is this project's
 choice, the paper gives only 18 h 57 min of training; a GPU/TPU job), ``--config.cmft.objective=self`` (Ours_self),
 ``--config.data.pairing=t1-flair/t2-t1ce``.

@@ -2,11 +2,11 @@
 
   python -m cmfl_jax.main --config=configs/demo.py --workdir=runs/demo
 On the built-in synthetic data by default (``--config.data.root=/data/BraTS2018`` for real data). Variants:
-the default (a CPU-sized run: 4 min 50 s to 5 min 40 s on 2 CPU cores from a cold start, compilation cache empty
-and data not yet generated, depending on the machine; held-out Dice ET 0.72, WT 0.90, TC 0.87), ``:smoke``
-(~50 s, for CI),
+the default (a CPU-sized run; its time and held-out Dice are in docs/timings.md and docs/results.md), ``:smoke``
+(for CI),
 ``:full`` (the paper's sizes: 128^3 patches, base 16, depth 4; 20000 steps per phase, this project's choice: the
-paper gives only its training time, 18 h 57 min; a GPU/TPU job).
+paper gives only its training time, 18 h 57 min; a GPU/TPU job). Sizes combine with ``regions``,
+``nnunet_augment`` and ``key=value`` parts: ``configs/demo.py:smoke,regions,cmff.train.steps=3``.
 
 Each stage's settings come from its own config file (``configs/<job>.py``, the same variant); the data set,
 the U-Net and the seed are shared by all stages and live at the top (``config.data``, ``config.model``,

@@ -79,11 +79,17 @@ LONGEST_FIRST = (
     "test_bad_inputs", "test_bundle_anywhere", "test_lowering", "test_preemption", "test_ablations", "test_nan_guard",
     "test_disk_errors",
 )
+# Integration tests: they train, compile whole networks or run jobs in subprocesses. Marked ``slow``, so that
+# ``pytest -m "not slow"`` is the quick lane of unit tests (hand-computed values, small functions); CI runs both.
+INTEGRATION = frozenset(LONGEST_FIRST)
 
 
 def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: order within a file is kept
+    for item in items:
+        if item.path.stem in INTEGRATION:
+            item.add_marker(pytest.mark.slow)
 
 
 def forced_host_devices_env(devices: int, env: dict) -> dict[str, str]:

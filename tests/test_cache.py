@@ -304,3 +304,26 @@ def test_size_estimate_announced_before_the_rest_is_built(tmp_path, caplog):
     assert built == 2  # the old folder and the first entry only
     assert f"{per / 1e6:.1f} MB per subject" in line and f"{3 * per / 1e6:.1f} MB for 3 subject(s)" in line
     assert os.path.isdir(old) and "no longer used" in caplog.text and "data-0123abcd" in caplog.text
+
+
+@pytest.mark.parametrize("storage", ["float16", "npy"])
+def test_the_estimate_before_a_build_counts_the_cropped_grid_in_the_storage_format(tmp_path, storage):
+    """The notebook's room check before ``prepare``: the brain's cropped box at the storage's bytes per voxel, an
+    estimate close to the entry later built (not 4 float32 channels of the whole grid)."""
+    from cmfl_jax.data.cache_size import BYTES_PER_VOXEL, ENTRY_OVERHEAD, entry_bytes_estimate
+
+    subject = write_tiny_subject(tmp_path / "data", "brats2018", 0)
+    image = read_nifti(subject.images[0])[0]
+    box = [(int(np.flatnonzero((image != 0).any(axis=tuple(a for a in range(3) if a != axis)))[[0, -1]] @ [-1, 1])
+            + 1 + 2 * CROP_MARGIN) for axis in range(3)]
+    cropped = int(np.prod([min(n, s) for n, s in zip(box, image.shape, strict=True)]))
+    assert entry_bytes_estimate(image, storage) == cropped * BYTES_PER_VOXEL[storage] + ENTRY_OVERHEAD
+    built = cache_subject(subject, str(tmp_path / "cache"), storage=storage).nbytes()
+    assert 0.9 * built <= entry_bytes_estimate(image, storage) <= 1.5 * built  # the label compressed, or not
+    # A BraTS subject (a brain box of 140 x 170 x 140 voxels in 240 x 240 x 155): about 35 MB as float16, so 1,251
+    # subjects (BraTS 2021) need about 44 GB, not the 177 GiB of 17 bytes per voxel of the uncropped grid.
+    brats = np.zeros((240, 240, 155), bool)
+    brats[50:190, 35:205, 5:145] = True
+    if storage == "float16":
+        assert entry_bytes_estimate(brats, storage) == 148 * 178 * 148 * 9 + ENTRY_OVERHEAD
+        assert 1251 * entry_bytes_estimate(brats, storage) < 45e9

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from cmfl_jax.data.io import read_nifti, write_nifti
 
@@ -15,13 +16,11 @@ from .conftest import REPO, write_tiny_dataset
 
 
 def console_command() -> list[str]:
-    """``cmfl-jax``, the console command of ``pip install -e .`` beside this interpreter; ``.ci/run`` installs it,
-    so under CI a missing one fails. Elsewhere (a checkout without the install) ``python -m cmfl_jax.main``."""
+    """``cmfl-jax``, the console command of ``pip install -e .`` beside this interpreter. The README's test command
+    installs the package, so a missing command is a failure, under CI or not."""
     path = os.path.join(os.path.dirname(sys.executable), "cmfl-jax")
-    if os.path.isfile(path):
-        return [path]
-    assert os.environ.get("CI") != "true", f"{path} missing: .ci/run installs the package with pip install -e ."
-    return [sys.executable, "-m", "cmfl_jax.main"]
+    assert os.path.isfile(path), f"{path} missing: install the package (pip install -e \".[dev]\")"
+    return [path]
 
 
 def run_cli(*args, cache=None, timeout=240, console=False):
@@ -126,3 +125,30 @@ def test_cmff_without_a_cmft_checkpoint_is_one_clear_line(tmp_path):
         f"cmfl_jax: error: {tmp_path / 'cmft' / 'checkpoints'}: no CMFT checkpoint here; train CMFT into this "
         "workdir first (configs/cmft.py)"]
     assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+def test_a_missing_console_command_fails_outside_ci_too(monkeypatch):
+    monkeypatch.delenv("CI", raising=False)
+    monkeypatch.setattr(sys, "executable", "/nowhere/bin/python")
+    with pytest.raises(AssertionError, match="cmfl-jax missing"):
+        console_command()
+
+
+def test_the_package_needs_no_development_tool():
+    """pip install -e . installs pyproject's dependencies only: none is a test, lint or notebook tool, and every
+    one of them has its tested version in requirements.txt (the constraints CI installs with)."""
+    import re
+    import tomllib
+
+    with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+        project = tomllib.load(f)["project"]
+    assert "dependencies" not in project.get("dynamic", [])
+    names = {re.split(r"[<>=!~\[; ]", d, maxsplit=1)[0].lower() for d in project["dependencies"]}
+    tools = {"pytest", "pytest-xdist", "ruff", "nbclient", "nbformat", "ipykernel", "jupyter-client"}
+    assert not names & tools, names & tools
+    assert {"jax", "flax", "optax", "orbax-checkpoint", "grain", "nibabel", "ml-collections"} <= names
+    with open(os.path.join(REPO, "requirements.txt")) as f:
+        pinned = {line.split("==")[0].strip().lower() for line in f if "==" in line.split("#")[0]}
+    assert names <= pinned, names - pinned
+    extras = project["optional-dependencies"]
+    assert {re.split(r"[<>=]", d)[0] for d in extras["dev"]} >= {"pytest", "ruff", "cmfl_jax[notebook]"}

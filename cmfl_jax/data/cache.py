@@ -1,6 +1,6 @@
 """Cache of pre-processed subjects, cropped to the brain and compressed in chunks, read a window at a time.
 
-Decompressing four 240x240x155 NIfTI files costs ~1 s per subject; the sampler draws a patch every
+Decompressing four 240x240x155 NIfTI files costs far more than a patch read; the sampler draws a patch every
 step, so it reads from this cache instead. Each entry keeps the subject cropped to its brain's bounding
 box (voxels where any modality is non-zero, together with any labelled voxel) plus ``CROP_MARGIN``
 voxels: everything outside that box is 0 in every channel (the z-score leaves the background at exactly
@@ -222,18 +222,6 @@ def _warn_old_folders(cache_dir: str) -> None:
         size = sum(os.path.getsize(os.path.join(d, f)) for o in old for d, _, fs in os.walk(o) for f in fs)
         logging.warning("%d folder(s) of an older cache format in %s are no longer used (%.1f GB): delete them "
                         "to free the space: %s", len(old), cache_dir, size / 1e9, ", ".join(sorted(old)))
-
-
-def estimate_line(first: CachedSubject, n: int, cache_dir: str) -> str:
-    """One line: the size of the first entry, times ``n`` subjects, and the free space where the cache is."""
-    per = first.nbytes()
-    free = shutil.disk_usage(cache_dir).free
-    return (f"cache: {_size(per)} per subject (its first entry), about {_size(per * n)} for {n} subject(s), "
-            f"in {cache_dir} ({_size(free)} free)")
-
-
-def _size(nbytes: float) -> str:
-    return f"{nbytes / 1e9:.1f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
 
 
 def build_cache(

@@ -9,11 +9,10 @@ Storage (``storage``, ``config.data.cache_storage``):
   bytes of float32) and the training steps get it as float32 on the device (exact). The z-scored values
   are rounded to float16 (relative error <= 2^-11, finer than bfloat16's 2^-8 that mixed precision uses).
 * ``"blosc2"``: the float32 image and the label, lossless, LZ4 in 32^3-voxel chunks (a patch decompresses
-  only the blocks it touches): the smallest, but a patch costs ~2-3x the time of a memory map.
-* ``"npy"``: float32 ``.npy`` files, memory-mapped: the fastest, ~2x the disk of ``"float16"``.
+  only the blocks it touches): the smallest, but a patch costs more time than from a memory map.
+* ``"npy"``: float32 ``.npy`` files, memory-mapped: the fastest, twice the disk of ``"float16"``.
 
-Per 240x240x155 BraTS-sized phantom: ~29 MB (float16), ~23 MB (blosc2), ~62 MB (npy), against 152 MB for
-the uncropped float32 ``.npy`` of format 1 (``experiments/cache_benchmark.py`` and its results).
+Sizes per subject and read times: ``experiments/cache_benchmark.py`` and docs/data.md.
 """
 
 from __future__ import annotations
@@ -33,10 +32,8 @@ FILES = {"float16": {"image": (".npy", np.float16), "label": (".b2nd", None)},
          "blosc2": {"image": (".b2nd", None), "label": (".b2nd", None)},
          "npy": {"image": (".npy", None), "label": (".npy", None)}}
 BLOSC2_CHUNKS = {"image": (32, 32, 32), "label": (32, 32, 32)}  # spatial; the channels stay in one chunk
-# Blocks (blosc2's unit of decompression inside a chunk) of 16^3, no byte shuffle: 22.6 MB per BraTS-sized phantom
-# (20.9 MB with shuffle). A 128^3 patch (image + label) with the files in the page cache, on an idle machine:
-# 16.5 ms (32^3 blocks 14.9 ms, with shuffle 18.1 ms) against 7.0 ms from format 1's uncropped .npy memory map;
-# from disk, compressed entries read faster (experiments/results/cache_benchmark.md, "cold").
+# Blocks (blosc2's unit of decompression inside a chunk) of 16^3, no byte shuffle: the choice measured by
+# experiments/cache_benchmark.py (its results: experiments/results/cache_benchmark.md).
 BLOSC2_BLOCKS = (16, 16, 16)
 BLOSC2_SHUFFLE = False
 TUMOUR_FILE, META_FILE = "tumour_index.npy", "meta.json"
@@ -170,7 +167,7 @@ class CachedSubject:
 
     def stored_image(self):
         """The image as stored (float16 or float32), read lazily: the patch sampler's windows skip the cast, which
-        numpy does slowly (~2 ns per value here); the steps cast on the device."""
+        numpy does slowly; the steps cast on the device."""
         return open_array(self._file("image"))
 
     def label(self):

@@ -12,9 +12,9 @@ from cmfl_jax.data.cache import (
     build_cache,
     cache_subject,
     default_cache_dir,
-    estimate_line,
     preprocessed_dir,
 )
+from cmfl_jax.data.cache_size import estimate_line
 from cmfl_jax.data.cached_subject import storage_for
 from cmfl_jax.data.layouts import discover
 from cmfl_jax.data.phantom import LGG_FRACTION

@@ -1,8 +1,8 @@
 """Params without compiling anything.
 
-``jax.jit(module.init)`` compiles the whole network (~20 s for a tiny CMFFNet on 2 CPU cores) and
-even drawing the leaves with ``jax.random`` compiles a threefry kernel per shape (~1 s each on
-CPU), although a conv's params do not depend on the input at all. Here the tree comes from
+``jax.jit(module.init)`` compiles the whole network (seconds, even for a tiny CMFFNet on a CPU) and
+even drawing the leaves with ``jax.random`` compiles a threefry kernel per shape, although a conv's
+params do not depend on the input at all. Here the tree comes from
 ``jax.eval_shape`` (tracing only) and every leaf is drawn with NumPy, seeded by the JAX key, from the
 initializer the modules declare: ``kernel`` lecun-normal (Conv3D, UpConv3D, Dense: a normal truncated
 at 2 sigma, rescaled to variance 1/fan_in, as flax's), ``bias`` zeros, ``scale`` ones (InstanceNorm).
