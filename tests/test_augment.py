@@ -210,6 +210,7 @@ def test_bad_settings_name_their_key(subjects, key, value):
     assert e.value.where == f"config.data.augment.{key}"
 
 
+@pytest.mark.slow
 def test_a_worker_process_gives_the_same_augmented_patches(subjects):
     """The sampler and its settings travel to grain's worker processes (pickled) and draw the same numbers."""
     expected = take(patch_dataset(subjects, (8, 8, 8), seed=7, augment=HALF_ON), 3)

@@ -58,6 +58,7 @@ def test_even_kernel_stride1_cpu_fast_equals_native(shape):
     _assert_same_forward_and_gradients(Conv3D(2, kernel_size=2, strides=1, padding=0), x)
 
 
+@pytest.mark.slow
 def test_patch_discriminator_impls_agree():
     x = jax.random.normal(jax.random.key(0), (1, 32, 32, 32, 2))
     module = PatchDiscriminator()

@@ -83,6 +83,7 @@ def test_missing_prediction_and_shape_mismatch_name_the_file(tmp_path):
         run(config, str(tmp_path / "w"))
 
 
+@pytest.mark.slow
 def test_evaluate_cli(tmp_path):
     write_tiny_dataset(tmp_path / "data", n=2)
     write_predictions(tmp_path / "data", tmp_path / "pred", 4)

@@ -8,6 +8,7 @@ import itertools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from cmfl_jax.config_variants import load_config
 from cmfl_jax.data.phantom import make_subject
@@ -27,6 +28,7 @@ def phantom_batch() -> dict:
             "label": crop_centered(subject.label, subject.centre, PATCH)[None]}
 
 
+@pytest.mark.slow
 def test_bfloat16_cmff_overfits_a_patch_with_float32_params():
     config = load_config("cmff:smoke")  # U-Net base 4, depth 2, random init
     config.model.dtype, config.model.conv_impl = "bfloat16", "native"

@@ -73,6 +73,7 @@ def test_cpu_fast_equals_native_forward_and_gradient(module, cin):
                                module.clone(conv_impl="cpu_fast").apply(params, x), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_unet_impls_share_params_and_agree():
     x = jax.random.normal(jax.random.key(0), (1, 16, 16, 16, 2))
     native, fast = UNet3D(4, base=4, depth=2, conv_impl="native"), UNet3D(4, base=4, depth=2, conv_impl="cpu_fast")
@@ -95,6 +96,7 @@ def unet_param_shapes(cin: int, out: int, base: int) -> dict:
     }
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_with_float32_params():
     net = UNet3D(2, base=4, depth=2, dtype=jnp.bfloat16)
     x = jax.random.normal(jax.random.key(1), (1, 16, 16, 16, 2))

@@ -121,6 +121,7 @@ def test_a_plus_b_averages_softmax_and_probs_sum_to_one():
     np.testing.assert_allclose(out["probs"].sum(-1), 1.0, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_fusion_loss_reaches_the_branches_through_masks_and_features():
     """S_F's output depends on S_A's params along two paths, the fused features and (with "mask") the predicted
     masks: its gradient reaches S_A's head only through the mask m_A = 1 - p_A[background], so the head's gradient

@@ -173,6 +173,7 @@ def test_crop_centered_reads_window():
     assert edge[0].sum() == 0 and edge[1, 1, 1] == vol[0, 0, 0]
 
 
+@pytest.mark.slow
 def test_worker_processes_give_the_same_patches(entries):
     expected = take(patch_dataset(entries, (8, 8, 8), seed=7), 3)
     it = iter(patch_dataset(entries, (8, 8, 8), seed=7, num_workers=1))

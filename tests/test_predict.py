@@ -191,7 +191,7 @@ def test_a_rerun_predicts_only_what_is_missing_or_stale(tmp_path, cmff_workdir, 
         caplog.clear()
         config.update(overrides)
         run(config, str(tmp_path / "out"))
-        mtimes = {f: os.stat(out / f).st_mtime_ns for f in os.listdir(out) if f != "predict_record.json"}
+        mtimes = {f: os.stat(out / f).st_mtime_ns for f in os.listdir(out)}
         return len(predicted), mtimes
 
     calls, first = rerun()
@@ -219,7 +219,7 @@ def test_a_rerun_predicts_only_what_is_missing_or_stale(tmp_path, cmff_workdir, 
     assert calls == 3 and all(after[f] > before[f] for f in before)
     calls, _ = rerun()  # nothing changed since: nothing redone
     assert calls == 0
-    record = json.loads((out / "predict_record.json").read_text())
+    record = json.loads((tmp_path / "out" / "predictions_record.json").read_text())
     assert sorted(record) == sorted(ids) and record[ids[0]]["mirror"] is True and record[ids[0]]["et_min_mm3"] == 123
 
 

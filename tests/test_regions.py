@@ -110,6 +110,7 @@ def test_every_variant_has_three_sigmoid_channels(branches, attention):
             assert variables["params"][branch]["head"]["kernel"].shape[-1] == 3
 
 
+@pytest.mark.slow
 def test_a_plus_b_averages_the_sigmoids_and_fusion_is_s_f_sigmoid():
     a = jax.random.normal(jax.random.key(1), (1, 16, 16, 16, 2))
     b = jax.random.normal(jax.random.key(2), (1, 16, 16, 16, 2))
@@ -122,6 +123,7 @@ def test_a_plus_b_averages_the_sigmoids_and_fusion_is_s_f_sigmoid():
         assert not np.allclose(np.asarray(out["probs"]).sum(-1), 1.0)  # independent sigmoids, not a softmax
 
 
+@pytest.mark.slow
 def test_mask_guided_attention_uses_the_predicted_wt():
     """F' = F + F * p_A[WT] + F * p_B[WT] for regions (channel 0 is WT), by hand."""
     fa, fb, _, _ = fusion_inputs(seed=3, shape=(1, 4, 4, 4))
@@ -144,6 +146,7 @@ def data_root(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_regions_training_lowers_the_loss(data_root):
     config = tiny_cmff_config(data_root, **{"model.output": "regions", "init.mode": "random", "cmff.lr": 1e-2,
                                             "cmff.ce_weight": 1.0})
@@ -177,6 +180,7 @@ def test_cmft_init_grafts_all_but_the_three_channel_heads(tmp_path, data_root):
         assert params[f"{branch}/head/kernel"].shape[-1] == 3 and generator["head/kernel"].shape[-1] == 2
 
 
+@pytest.mark.slow
 def test_train_validate_export_and_predict_both_paths_agree(tmp_path, data_root, monkeypatch):
     """A regions run validates, exports a bundle recording its output kind, and predict gives the same labels
     from its params and from its StableHLO, equal to the nested conversion of the probabilities."""

@@ -10,8 +10,9 @@ as ``<subject_id>.nii.gz`` with the input's affine and header in the dataset's o
 for BraTS 2023+), atomically. Several models (``config.model_dir`` a comma-separated list, or a CV workdir for its
 folds' CMFF runs) predict as one ensemble: the mean of their probabilities (:mod:`cmfl_jax.inference.ensemble`),
 post-processed with the CV run's pooled tuned threshold. A re-run skips the subjects whose outputs are all there,
-newer than the model and the images, and made with the same model and settings (``predict_record.json`` beside
-the outputs keeps them per subject); ``overwrite`` redoes them all.
+newer than the model and the images, and made with the same model and settings (``<out_dir>_record.json``, beside
+the outputs' folder so that it holds NIfTI files only, as a BraTS submission does, keeps them per subject);
+``overwrite`` redoes them all.
 """
 
 from __future__ import annotations
@@ -126,7 +127,9 @@ def _mtime(path: str) -> float:
     return max(times)
 
 
-RECORD = "predict_record.json"  # beside the outputs: the model and settings each subject was predicted with
+def _record_path(out_dir: str) -> str:
+    """Beside the outputs' folder: the model and settings each subject was predicted with."""
+    return os.path.abspath(out_dir).rstrip(os.sep) + "_record.json"
 
 
 def _settings(config: ml_collections.ConfigDict, dirs: list[str], et_min: float, wt_min: float) -> dict:
@@ -140,14 +143,14 @@ def _settings(config: ml_collections.ConfigDict, dirs: list[str], et_min: float,
 
 def _read_record(out_dir: str) -> dict:
     try:
-        with open(os.path.join(out_dir, RECORD)) as f:
+        with open(_record_path(out_dir)) as f:
             return json.load(f)
     except (OSError, ValueError):
         return {}  # none yet, or unreadable: every subject is redone
 
 
 def _write_record(out_dir: str, record: dict) -> None:
-    with atomic_path(os.path.join(out_dir, RECORD)) as tmp, open(tmp, "w") as f:
+    with atomic_path(_record_path(out_dir)) as tmp, open(tmp, "w") as f:
         json.dump(record, f, indent=1, sort_keys=True)
 
 
