@@ -9,9 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cmfl_jax.data.phantom import make_subject
 from cmfl_jax.data.pipeline import crop_centered
 from cmfl_jax.data.preprocess import preprocess_images
+from cmfl_jax.synthetic import make_subject
 from cmfl_jax.training.cmff_step import create_state, make_train_step
 from configs import cmff as cmff_config
 
