@@ -15,6 +15,7 @@ from cmfl_jax import synthetic
 from cmfl_jax.data.io import load_subject
 from cmfl_jax.data.layouts import discover, subject_file_paths
 from cmfl_jax.errors import CMFLError
+from cmfl_jax.synthetic import montage
 
 from .conftest import REPO
 
@@ -254,3 +255,11 @@ def test_the_public_name_in_the_data_layer_is_the_synthetic_package():
         assert getattr(phantom, name) is getattr(synthetic, name), name
     assert phantom.make_subject(3, SMALL).images.tobytes() == subject(3).images.tobytes()
 
+
+def test_montage_draws_every_subject(tmp_path, capsys):
+    out = tmp_path / "montage.png"
+    montage.main(["--seeds", "0,1", "--lgg", "1", "--shape", "32,32,32", "--out", str(out)])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["seed 0", "seed 1", f"wrote {out}"]
+    assert "seed 1: LGG" in lines[1] and "ET present: False" in lines[1]
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
