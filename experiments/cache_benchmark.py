@@ -1,6 +1,6 @@
 """Size and read speed of the pre-processed cache in several storage formats, on BraTS-sized phantoms.
 
-Writes ``--n`` synthetic subjects at 240x240x155 (``cmfl_jax.data.phantom.write_dataset``, layout brats2021,
+Writes ``--n`` synthetic subjects at 240x240x155 (``cmfl_jax.synthetic.write_dataset``, layout brats2021,
 seed 0) into ``--data`` once (kept: a later run reuses them), then builds the cache of every subject in each
 format below and measures:
 
@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from cmfl_jax.data.layouts import discover
-    from cmfl_jax.data.phantom import write_dataset
+    from cmfl_jax.synthetic import write_dataset
 
     write_dataset(args.data, args.n, layout="brats2021", shape=SHAPE, seed=0)
     subjects = discover(args.data)[: args.n]

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from cmfl_jax.config_variants import load_config
-from cmfl_jax.data.phantom import make_subject
 from cmfl_jax.data.pipeline import crop_centered
 from cmfl_jax.data.preprocess import preprocess_images
+from cmfl_jax.synthetic import make_subject
 from cmfl_jax.training.cmff_step import create_state, make_train_step
 
 STEPS = 30

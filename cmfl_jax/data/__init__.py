@@ -1,1 +1,1 @@
-"""Data layer: BraTS layouts, NIfTI loading, pre-processing, cache, grain pipeline, phantom."""
+"""Data layer: BraTS layouts, NIfTI loading, pre-processing, cache, grain pipeline (phantoms: cmfl_jax.synthetic)."""

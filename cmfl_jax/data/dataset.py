@@ -17,9 +17,9 @@ from cmfl_jax.data.cache import (
 from cmfl_jax.data.cache_size import estimate_line
 from cmfl_jax.data.cached_subject import storage_for
 from cmfl_jax.data.layouts import discover
-from cmfl_jax.data.phantom import LGG_FRACTION
 from cmfl_jax.data.splits import apply_split
 from cmfl_jax.data.subject import Subject
+from cmfl_jax.synthetic import LGG_FRACTION, write_dataset
 
 
 def synthetic_root(data: ml_collections.ConfigDict) -> str:
@@ -32,12 +32,10 @@ def synthetic_root(data: ml_collections.ConfigDict) -> str:
     folder = os.path.join(data.cache_dir or default_cache_dir(), "synthetic", name)
     marker = os.path.join(folder, ".complete")
     if not os.path.exists(marker):
-        from cmfl_jax.data.phantom import write_dataset  # heavy (nilearn): only when generating
-
         write_dataset(folder, int(syn.n), layout=syn.layout, shape=shape, seed=int(syn.seed),
                       lgg_fraction=lgg_fraction)
         with open(marker, "w") as f:
-            f.write("written by cmfl_jax.data.phantom.write_dataset\n")
+            f.write("written by cmfl_jax.synthetic.write_dataset\n")
     return folder
 
 

@@ -11,10 +11,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from cmfl_jax.data import phantom
+from cmfl_jax import synthetic
 from cmfl_jax.data.io import load_subject
 from cmfl_jax.data.layouts import discover, subject_file_paths
 from cmfl_jax.errors import CMFLError
+from cmfl_jax.synthetic import montage
 
 from .conftest import REPO
 
@@ -22,12 +23,12 @@ SMALL = (48, 48, 48)
 
 
 @functools.cache
-def subject(seed: int, shape=SMALL, lgg: bool | None = None) -> phantom.Phantom:
+def subject(seed: int, shape=SMALL, lgg: bool | None = None) -> synthetic.Phantom:
     """Phantoms are deterministic, so tests share them (each costs ~0.1 s at 48^3, ~1.5 s at BraTS size)."""
-    return phantom.make_subject(seed, shape, lgg=lgg)
+    return synthetic.make_subject(seed, shape, lgg=lgg)
 
 
-def normal_wm(ph: phantom.Phantom) -> np.ndarray:
+def normal_wm(ph: synthetic.Phantom) -> np.ndarray:
     """Normal white matter, approximately: the brightest quarter of the tumour-free brain on T1."""
     normal = (ph.images[0] > 0) & (ph.label == 0)
     return normal & (ph.images[0] > np.percentile(ph.images[0][normal], 75))
@@ -42,20 +43,20 @@ def test_shapes_dtypes_labels_affine(seed):
     assert np.all(np.isfinite(ph.images))
     assert ph.affine.shape == (4, 4) and ph.affine.dtype == np.float64
     assert np.array_equal(ph.affine, [[-1, 0, 0, 0], [0, -1, 0, 47], [0, 0, 1, 0], [0, 0, 0, 1]])
-    assert ph.grade == phantom.grade_of_seed(seed)
+    assert ph.grade == synthetic.grade_of_seed(seed)
     assert all(0 <= c < s for c, s in zip(ph.centre, SMALL, strict=True))
 
 
 def test_spacing_goes_into_the_affine():
-    ph = phantom.make_subject(1, (32, 40, 24), spacing=(1.5, 1.5, 2.0))
+    ph = synthetic.make_subject(1, (32, 40, 24), spacing=(1.5, 1.5, 2.0))
     assert ph.images.shape == (4, 32, 40, 24)
     assert np.array_equal(np.diag(ph.affine), [-1.5, -1.5, 2.0, 1.0]) and ph.affine[1, 3] == 39 * 1.5
     assert ph.spacing == (1.5, 1.5, 2.0)
 
 
 def test_deterministic_given_the_seed():
-    a = phantom.make_subject(3, SMALL)
-    b = phantom.make_subject(3, SMALL)
+    a = synthetic.make_subject(3, SMALL)
+    b = synthetic.make_subject(3, SMALL)
     assert np.array_equal(a.images, b.images) and np.array_equal(a.label, b.label)
     assert a.images.tobytes() == b.images.tobytes()  # bit-equal, not just close
     c = subject(4)
@@ -91,21 +92,21 @@ def test_grades_lgg_has_no_enhancing_hgg_has_all_classes(seed):
 
 
 def test_seed_decides_about_a_quarter_lgg():
-    grades = [phantom.grade_of_seed(s) for s in range(400)]
+    grades = [synthetic.grade_of_seed(s) for s in range(400)]
     assert 0.18 < grades.count("LGG") / len(grades) < 0.32
-    assert subject(8).grade == phantom.grade_of_seed(8)
+    assert subject(8).grade == synthetic.grade_of_seed(8)
 
 
 def test_lgg_fraction_sets_the_share_and_keeps_the_draw():
     """The grade is the same uniform draw per seed compared with another threshold: 0 and 1 give all HGG / all LGG,
     and a subject LGG at 0.25 stays LGG at 0.5 (the default data set's LGG subjects are in the new one)."""
-    draws = [phantom.grade_of_seed(s, 0.5) for s in range(400)]
+    draws = [synthetic.grade_of_seed(s, 0.5) for s in range(400)]
     assert 0.42 < draws.count("LGG") / len(draws) < 0.58
-    assert {phantom.grade_of_seed(s, 0.0) for s in range(50)} == {"HGG"}
-    assert {phantom.grade_of_seed(s, 1.0) for s in range(50)} == {"LGG"}
-    assert all(phantom.grade_of_seed(s, 0.5) == "LGG" for s in range(400) if phantom.grade_of_seed(s) == "LGG")
+    assert {synthetic.grade_of_seed(s, 0.0) for s in range(50)} == {"HGG"}
+    assert {synthetic.grade_of_seed(s, 1.0) for s in range(50)} == {"LGG"}
+    assert all(synthetic.grade_of_seed(s, 0.5) == "LGG" for s in range(400) if synthetic.grade_of_seed(s) == "LGG")
     with pytest.raises(CMFLError, match="lgg_fraction"):
-        phantom.write_dataset("/nonexistent", 1, lgg_fraction=1.5)
+        synthetic.write_dataset("/nonexistent", 1, lgg_fraction=1.5)
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -126,10 +127,11 @@ def test_contrasts_need_several_modalities(seed):
     assert np.percentile(t2[ncr], 10) < np.percentile(t2[ed], 90)
 
 
+@pytest.mark.slow
 def test_whole_tumour_volume_at_brats_size():
     """20-200 cm^3 whole tumour at 240x240x155, 1 mm; enhancing tumour in HGG only."""
     for seed in (0, 8):  # the seeds make one HGG and one LGG-like subject
-        ph = phantom.make_subject(seed, phantom.BRATS_SHAPE)  # not cached: 150 MB each
+        ph = synthetic.make_subject(seed, synthetic.BRATS_SHAPE)  # not cached: 150 MB each
         assert ph.images.shape == (4, 240, 240, 155)
         wt_cm3 = np.count_nonzero(ph.label) / 1000.0
         assert 20.0 <= wt_cm3 <= 200.0, (seed, wt_cm3)
@@ -149,18 +151,18 @@ def test_tumour_keeps_its_share_of_the_brain_on_small_grids(shape):
 
 def test_bad_arguments_raise_cmfl_error():
     with pytest.raises(CMFLError, match="seed"):
-        phantom.make_subject(-1, SMALL)
+        synthetic.make_subject(-1, SMALL)
     with pytest.raises(CMFLError, match="shape"):
-        phantom.make_subject(0, (8, 8, 8))
+        synthetic.make_subject(0, (8, 8, 8))
     with pytest.raises(CMFLError, match="spacing"):
-        phantom.make_subject(0, SMALL, spacing=(1, 0, 1))
+        synthetic.make_subject(0, SMALL, spacing=(1, 0, 1))
     with pytest.raises(CMFLError, match="layout"):
-        phantom.write_dataset("/nonexistent", 1, layout="brats1999", shape=SMALL)
+        synthetic.write_dataset("/nonexistent", 1, layout="brats1999", shape=SMALL)
 
 
 def _mixed_grade_seed(n: int) -> int:
     """A data-set seed whose first n subjects include both grades."""
-    grades = lambda s: {phantom.grade_of_seed(phantom.subject_seed(s, i)) for i in range(n)}
+    grades = lambda s: {synthetic.grade_of_seed(synthetic.subject_seed(s, i)) for i in range(n)}
     return next(s for s in range(100) if len(grades(s)) == 2)
 
 
@@ -168,10 +170,10 @@ def _mixed_grade_seed(n: int) -> int:
 def test_write_dataset_layouts_read_back(tmp_path, layout):
     n, shape = 3, (32, 32, 32)
     seed = _mixed_grade_seed(n)
-    subjects = phantom.write_dataset(tmp_path, n, layout=layout, shape=shape, seed=seed, progress=False)
+    subjects = synthetic.write_dataset(tmp_path, n, layout=layout, shape=shape, seed=seed, progress=False)
     assert len(subjects) == n
     for i, s in enumerate(subjects):
-        ph = phantom.make_subject(phantom.subject_seed(seed, i), shape)
+        ph = synthetic.make_subject(synthetic.subject_seed(seed, i), shape)
         assert s == subject_file_paths(tmp_path, layout, i, ph.grade)
         if layout == "brats2018":
             assert os.path.basename(os.path.dirname(s.folder)) == ph.grade  # HGG/ and LGG/ subfolders
@@ -199,33 +201,36 @@ def test_write_dataset_layouts_read_back(tmp_path, layout):
     assert set(np.unique(loaded.label).tolist()) <= {0, 1, 2, 4}
 
 
+@pytest.mark.slow
 def test_write_dataset_skips_complete_subjects(tmp_path):
     shape = (24, 24, 24)
-    subjects = phantom.write_dataset(tmp_path, 2, shape=shape, progress=False)
+    subjects = synthetic.write_dataset(tmp_path, 2, shape=shape, progress=False)
     stamps = {p: os.stat(p).st_mtime_ns for s in subjects for p in (*s.images, s.label)}
     os.remove(subjects[1].images[2])
-    again = phantom.write_dataset(tmp_path, 2, shape=shape, progress=False)
+    again = synthetic.write_dataset(tmp_path, 2, shape=shape, progress=False)
     assert again == subjects
     assert all(os.stat(p).st_mtime_ns == stamps[p] for p in (*subjects[0].images, subjects[0].label))
     assert os.path.exists(subjects[1].images[2])  # the incomplete subject was written again
     # A different grid is not mistaken for a finished subject.
-    phantom.write_dataset(tmp_path, 1, shape=(20, 20, 20), progress=False)
+    synthetic.write_dataset(tmp_path, 1, shape=(20, 20, 20), progress=False)
     assert nib.load(subjects[0].label).shape == (20, 20, 20)
 
 
 def test_write_dataset_spacing_in_header(tmp_path):
-    (s,) = phantom.write_dataset(tmp_path, 1, layout="brats2021", shape=(24, 24, 20), spacing=(2, 2, 3), progress=False)
+    (s,) = synthetic.write_dataset(tmp_path, 1, layout="brats2021", shape=(24, 24, 20), spacing=(2, 2, 3),
+                                   progress=False)
     img = nib.load(s.images[0])
     assert img.header.get_zooms() == (2.0, 2.0, 3.0)
     assert np.array_equal(np.diag(img.affine), [-2.0, -2.0, 3.0, 1.0])
 
 
-def run_cli(*args):
+def run_cli(*args, module: str = "cmfl_jax.synthetic"):
     env = dict(os.environ, CI="true")
-    return subprocess.run([sys.executable, "-m", "cmfl_jax.data.phantom", *args], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_cli_writes_a_tree_and_rejects_bad_arguments_in_one_line(tmp_path):
     r = run_cli("--out", str(tmp_path / "d"), "--n", "2", "--shape", "24,24,24", "--layout", "brats2023")
     assert r.returncode == 0, r.stderr
@@ -236,4 +241,25 @@ def test_cli_writes_a_tree_and_rejects_bad_arguments_in_one_line(tmp_path):
                                                                      "--shape", "24,24"]):
         r = run_cli(*args)
         assert r.returncode == 2, r
-        assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("cmfl_jax.data.phantom: error: ")
+        assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("cmfl_jax.synthetic: error: ")
+    # The old command, python -m cmfl_jax.data.phantom, runs the same command line.
+    r = run_cli("--out", str(tmp_path), "--n", "0", module="cmfl_jax.data.phantom")
+    assert r.returncode == 2 and r.stderr.startswith("cmfl_jax.synthetic: error: n: "), r
+
+
+def test_the_public_name_in_the_data_layer_is_the_synthetic_package():
+    """``cmfl_jax.data.phantom.make_subject`` and ``write_dataset`` (the documented surface) stay importable."""
+    from cmfl_jax.data import phantom
+
+    for name in synthetic.__all__:
+        assert getattr(phantom, name) is getattr(synthetic, name), name
+    assert phantom.make_subject(3, SMALL).images.tobytes() == subject(3).images.tobytes()
+
+
+def test_montage_draws_every_subject(tmp_path, capsys):
+    out = tmp_path / "montage.png"
+    montage.main(["--seeds", "0,1", "--lgg", "1", "--shape", "32,32,32", "--out", str(out)])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["seed 0", "seed 1", f"wrote {out}"]
+    assert "seed 1: LGG" in lines[1] and "ET present: False" in lines[1]
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -4,30 +4,25 @@ Writes ``docs/phantom_montage.png`` (by default two HGG subjects and one LGG-lik
 BraTS grid) and prints each subject's whole-tumour volume and whether it has enhancing tumour, so
 that a reader can judge at a glance whether the synthetic data look like skull-stripped BraTS.
 
-    .venv/bin/python experiments/phantom_montage.py [--seeds 0,1,2] [--lgg 2] [--out docs/phantom_montage.png]
+    .venv/bin/python -m cmfl_jax.synthetic.montage [--seeds 0,1,2] [--lgg 2] [--out docs/phantom_montage.png]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
+from collections.abc import Sequence
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
-from matplotlib.colors import ListedColormap
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from cmfl_jax.data.io import atomic_path
-from cmfl_jax.data.phantom import BRATS_SHAPE, Phantom, make_subject
+from cmfl_jax.synthetic.anatomy import BRATS_SHAPE
+from cmfl_jax.synthetic.subject import Phantom, make_subject
 
 MODALITY_NAMES = ("T1", "T1c", "T2", "FLAIR")
 # Label colours: 0 transparent, 1 NCR/NET red, 2 oedema green, 4 enhancing yellow.
-LABEL_CMAP = ListedColormap([(0, 0, 0, 0), (0.9, 0.1, 0.1, 0.75), (0.1, 0.85, 0.2, 0.55), (1, 0.9, 0, 0.8)])
+LABEL_COLOURS = [(0, 0, 0, 0), (0.9, 0.1, 0.1, 0.75), (0.1, 0.85, 0.2, 0.55), (1, 0.9, 0, 0.8)]
 LABEL_INDEX = np.array([0, 1, 2, 0, 3], np.uint8)  # label value -> colour index
 
 
@@ -54,10 +49,19 @@ def brain_box(brain: np.ndarray, margin: int = 3) -> tuple[slice, slice, slice]:
 
 
 def wt_volume_cm3(ph: Phantom) -> float:
+    """Whole-tumour volume in cm^3."""
     return float(np.count_nonzero(ph.label) * np.prod(ph.spacing) / 1000.0)
 
 
 def draw(subjects: list[tuple[int, Phantom]], out: str) -> None:
+    """Three rows per subject (axial, coronal, sagittal), a column per modality and one of labels on T1c."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+
+    label_cmap = ListedColormap(LABEL_COLOURS)
     cols = len(MODALITY_NAMES) + 1
     rows = 3 * len(subjects)
     fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.4 * rows), facecolor="black")
@@ -81,7 +85,7 @@ def draw(subjects: list[tuple[int, Phantom]], out: str) -> None:
                 ax.imshow(image, cmap="gray", vmin=lo, vmax=hi, origin=origin, interpolation="nearest")
                 if ch == 4:
                     _, lab, _ = slices(colour, centre)[v]
-                    ax.imshow(lab, cmap=LABEL_CMAP, vmin=0, vmax=3, origin=origin, interpolation="nearest")
+                    ax.imshow(lab, cmap=label_cmap, vmin=0, vmax=3, origin=origin, interpolation="nearest")
                 title = f"{MODALITY_NAMES[ch]}" if ch < 4 else "labels on T1c"
                 if v == 0:
                     title = f"seed {seed} {ph.grade}: {title}"
@@ -96,13 +100,14 @@ def draw(subjects: list[tuple[int, Phantom]], out: str) -> None:
     plt.close(fig)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: Sequence[str] | None = None) -> None:
+    """Make the subjects, print their tumour volumes and draw the montage."""
+    parser = argparse.ArgumentParser(prog="python -m cmfl_jax.synthetic.montage", description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", default="0,1,2", help="subject seeds")
     parser.add_argument("--lgg", default="2", help="seeds to force LGG-like (others HGG); '' lets the seed decide")
     parser.add_argument("--shape", default=",".join(map(str, BRATS_SHAPE)))
     parser.add_argument("--out", default=os.path.join("docs", "phantom_montage.png"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",") if s]
     lgg_seeds = {int(s) for s in args.lgg.split(",") if s}
     shape = tuple(int(s) for s in args.shape.split(","))
