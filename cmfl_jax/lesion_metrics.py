@@ -107,7 +107,7 @@ def _leaderboard_region(pred: np.ndarray, target: np.ndarray, spacing: Sequence[
         own = np.isin(pred_cc, hits) if hits.size else np.zeros_like(lesion)
         dice.append(_dice(own, lesion))
         dist.append(_hd95(lesion, own, spacing, LEADERBOARD_PENALTY_HD95))
-        tp, fn = tp + (hits.size > 0), fn + (hits.size == 0)
+        tp, fn = tp + int(hits.size > 0), fn + int(hits.size == 0)
     fp = len(set(np.unique(pred_cc[pred_cc > 0]).tolist()) - matched)
     count = len(dice) + fp
     return {

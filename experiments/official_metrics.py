@@ -26,8 +26,9 @@ import numpy as np
 
 ENVIRONMENTS = {"package": ["brats-evaluation==0.0.10"], "script": ["-r", "{script}/requirements.txt"]}
 FIGURES = {  # ours -> (source, its key)
-    "package": {"global_dsc": "global_dsc", "global_hd95": "global_hd95", "lesionwise_dsc": "lesionwise_dsc_mean",
-                "lesionwise_hd95": "lesionwise_hd95_mean", "f1": "all_instance_f1", "tp": "all_instance_tp",
+    "package": {"global_dsc": "global_dsc", "global_hd95": "global_hd95", "global_nsd": "global_nsd",
+                "lesionwise_dsc": "lesionwise_dsc_mean", "lesionwise_hd95": "lesionwise_hd95_mean",
+                "lesionwise_nsd": "lesionwise_nsd_mean", "f1": "all_instance_f1", "tp": "all_instance_tp",
                 "fp": "all_instance_fp", "fn": "all_instance_fn"},
     "script": {"lesionwise_dice": "LesionWise_Score_Dice", "lesionwise_hd95": "LesionWise_Score_HD95",
                "num_tp": "Num_TP", "num_fp": "Num_FP", "num_fn": "Num_FN"},
@@ -50,6 +51,7 @@ def official(kind: str, pairs: list[tuple[str, str]], script: str) -> dict:
                     "global_dsc": r["global_bin_dsc"], "lesionwise_dsc_mean": r["sq_dsc"],
                     "global_hd95": 373.0 if np.isinf(r["global_bin_hd95"]) else r["global_bin_hd95"],
                     "lesionwise_hd95_mean": r["sq_hd95"], "all_instance_f1": r["rq"],
+                    "global_nsd": r["global_bin_nsd"], "lesionwise_nsd_mean": r["sq_nsd"],
                     "all_instance_tp": r["tp"], "all_instance_fp": r["fp"], "all_instance_fn": r["fn"]}
         return out
     sys.path.insert(0, script)
@@ -123,6 +125,13 @@ def difference(a: float, b: float) -> float:
     return abs(a - b) if np.isfinite(a) and np.isfinite(b) else float("inf")
 
 
+def runs(interpreter: str) -> bool:
+    try:
+        return subprocess.run([interpreter, "--version"], capture_output=True).returncode == 0
+    except OSError:
+        return False
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True)
@@ -130,7 +139,8 @@ def main() -> None:
     parser.add_argument("--cases", type=int, default=5)
     parser.add_argument("--venv", default="runs/official_venv")
     parser.add_argument("--install", action="store_true", help=f"create the environments with pip: {ENVIRONMENTS}")
-    parser.add_argument("--script-python", default="python3.10", help="the interpreter of <venv>/script")
+    parser.add_argument("--script-python", default="python3.10",
+                        help="a Python <= 3.10 for <venv>/script (pandas 1.3.4 has no wheels for later ones)")
     parser.add_argument("--workdir", default="runs/official_metrics")
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)  # kind, pairs.json
     args = parser.parse_args()
@@ -139,6 +149,10 @@ def main() -> None:
         json.dump(official(kind, json.load(open(request)), args.script), open(f"{request}.{kind}", "w"))
         return
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if args.install and not os.path.exists(os.path.join(args.venv, "script", "bin", "python")) \
+            and not runs(args.script_python):
+        sys.exit(f"{args.script_python} does not run: give a Python <= 3.10 as --script-python")
+    os.makedirs(args.workdir, exist_ok=True)
     pairs = make_pairs(args.data, args.cases, args.workdir)
     request = os.path.join(args.workdir, "pairs.json")
     json.dump([p[2:] for p in pairs], open(request, "w"))
@@ -152,9 +166,9 @@ def main() -> None:
             subprocess.run([python, "-m", "pip", "install", "-q", *pins], check=True)
         if not os.path.exists(python):
             sys.exit(f"{python} not found: --install creates it")
-        subprocess.run([python, os.path.abspath(__file__), "--worker", kind, request, "--data", args.data,
-                        "--script", os.path.abspath(args.script)], check=True, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL)
+        with open(os.path.join(args.workdir, f"{kind}.log"), "w") as log:  # the official code's warnings
+            subprocess.run([python, os.path.abspath(__file__), "--worker", kind, request, "--data", args.data,
+                            "--script", os.path.abspath(args.script)], check=True, stdout=log, stderr=log)
         theirs[kind] = json.load(open(f"{request}.{kind}"))
     worst: dict[str, float] = {}
     print("| case | prediction | region | source | figure | ours | official | abs diff |\n" + "|---" * 8 + "|")
