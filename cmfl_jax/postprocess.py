@@ -9,7 +9,8 @@ false ET voxels, which dominates the mean over subjects. So:
 * **small whole-tumour components** (optional): connected components of the whole tumour (26-connected)
   smaller than ``wt_min_mm3`` become background.
 
-The ET threshold is tuned on the validation fold (:func:`tune_et_threshold`) and carried with the model;
+The ET threshold is tuned on the validation fold (:func:`tune_et_threshold`), on the legacy ET Dice or the
+lesion-wise one (``config.val.metric``), and carried with the model;
 without a validation fold :data:`DEFAULT_ET_MIN_MM3` applies. numpy + scipy only.
 """
 
@@ -20,6 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
+from cmfl_jax.lesion_metrics import leaderboard_lesionwise_metrics
 from cmfl_jax.metrics import binary_metrics, region_mask
 
 DEFAULT_ET_MIN_MM3 = 500.0  # Isensee et al., BraTS 2018 ("No New-Net"): 500 voxels of 1 mm³
@@ -68,9 +70,16 @@ def resolve_et_threshold(configured: float, tuned: float | None) -> float:
     return float(tuned) if tuned is not None else DEFAULT_ET_MIN_MM3
 
 
-def et_statistics(pred: np.ndarray, target: np.ndarray, spacing: Sequence[float]) -> tuple[float, float, bool]:
-    """What tuning needs of one subject: (predicted ET volume in mm³, ET Dice as predicted, no ET in the target)."""
+def et_statistics(pred: np.ndarray, target: np.ndarray, spacing: Sequence[float], metric: str = "legacy"
+                  ) -> tuple[float, float, bool]:
+    """What tuning needs of one subject: (predicted ET volume in mm³, ET Dice as predicted, whether a subject
+    without predicted ET scores 1). ``metric``: ``legacy``, the volume's Dice (1 without ET in the target), or
+    ``lesionwise``, the 2023-2024 leaderboards' lesion-wise Dice (1 without an ET lesion above their threshold)."""
     volume = np.count_nonzero(pred == ET) * voxel_mm3(spacing)
+    if metric == "lesionwise":
+        dice = leaderboard_lesionwise_metrics(pred, target, spacing)["ET"]["lesionwise_dice"]
+        nothing = leaderboard_lesionwise_metrics(np.zeros_like(pred), target, spacing)["ET"]["lesionwise_dice"]
+        return float(volume), float(dice), nothing == 1.0
     dice = binary_metrics(region_mask(pred, "ET"), region_mask(target, "ET"))["dice"]
     return float(volume), float(dice), not bool(np.any(target == ET))
 

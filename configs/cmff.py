@@ -93,6 +93,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             "overlap": 0.5,  # sliding-window overlap; the window is data.patch_size
             "batch_size": 1,  # windows per network call
             "mirror": False,  # test-time mirroring (8 flips): 8x the time
+            # picks best/ and tunes the ET threshold: "legacy" (mean Dice) | "lesionwise" (mean lesion-wise
+            # Dice of the 2023-2024 leaderboards, cmfl_jax/lesion_metrics.py)
+            "metric": "legacy",
         }
     )
     return apply_variants(config, arg, VARIANTS, "cmff")

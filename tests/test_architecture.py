@@ -128,6 +128,8 @@ def test_models_import_neither_data_nor_jobs_nor_file_io(module):
 def test_metrics_are_numpy_and_scipy_only():
     assert GRAPH["cmfl_jax.metrics"] == set()
     assert OUTSIDE["cmfl_jax.metrics"] - {"__future__", "collections", "typing"} == {"numpy", "scipy"}
+    assert GRAPH["cmfl_jax.lesion_metrics"] == {"cmfl_jax.metrics"}
+    assert OUTSIDE["cmfl_jax.lesion_metrics"] - {"__future__", "collections", "sys"} == {"numpy", "scipy"}
 
 
 def test_no_module_over_250_lines():

@@ -13,8 +13,11 @@ REGIONS = ("ET", "WT", "TC")
 
 
 def parse_summary_table(text: str) -> dict[str, dict[str, float]]:
-    """``{statistic: {column: value}}`` from the Markdown table of the evaluate job's layout."""
-    rows = [line for line in text.splitlines() if line.startswith("| ")]
+    """``{statistic: {column: value}}`` from the (first) Markdown table of the evaluate job's layout."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    rows = [line for line in lines[start:end] if line.startswith("| ")]
     header = [c.strip() for c in rows[0].strip("|").split("|")]
     table = {}
     for line in rows[1:]:

@@ -12,6 +12,7 @@ from cmfl_jax.config_variants import load_config
 from cmfl_jax.data.layouts import discover, to_internal
 from cmfl_jax.errors import CMFLError
 from cmfl_jax.jobs.evaluate import run
+from cmfl_jax.lesion_metrics import brats_evaluation_metrics, leaderboard_lesionwise_metrics
 from cmfl_jax.metrics import brats_metrics
 
 from .conftest import write_tiny_dataset
@@ -51,6 +52,16 @@ def test_tables_equal_a_direct_computation(tmp_path, layout, et_label):
         for region, values in metrics.items():
             for name, value in values.items():
                 assert float(rows[sid][f"{name}_{region}"]) == pytest.approx(value, rel=1e-6, abs=1e-9)
+    for sid, (p, t, spacing) in arrays.items():  # both lesion-wise families, beside the legacy columns
+        ranked, package = leaderboard_lesionwise_metrics(p, t, spacing), brats_evaluation_metrics(p, t, spacing)
+        for region in ("ET", "WT", "TC"):
+            expected = {f"ranked_dice_{region}": ranked[region]["lesionwise_dice"],
+                        f"ranked_hd95_{region}": ranked[region]["lesionwise_hd95"],
+                        f"lesion_dice_{region}": package[region]["lesionwise_dsc"],
+                        f"lesion_hd95_{region}": min(package[region]["lesionwise_hd95"], 373.0),
+                        f"lesion_f1_{region}": package[region]["f1"]}
+            for column, value in expected.items():
+                assert float(rows[sid][column]) == pytest.approx(value, rel=1e-6, nan_ok=True), column
     perfect = direct[sorted(direct)[0]]
     assert all(perfect[r]["dice"] == 1.0 and perfect[r]["hd95"] == 0.0 for r in perfect)
     summary = {r["statistic"]: r for r in read_csv(tmp_path / "w" / "evaluation_summary.csv")}
@@ -64,8 +75,11 @@ def test_tables_equal_a_direct_computation(tmp_path, layout, et_label):
     assert float(summary["75quantile"]["hd95_average"]) == pytest.approx(np.percentile(average, 75), rel=1e-6)
     markdown = (tmp_path / "w" / "evaluation_summary.md").read_text().splitlines()
     assert markdown[0].startswith("| | Dice ET | Dice WT | Dice TC | Dice avg | HD95 ET")
-    assert [line.split("|")[1].strip() for line in markdown[2:]] == ["mean", "std", "median", "25quantile",
-                                                                    "75quantile"]
+    assert [line.split("|")[1].strip() for line in markdown[2:7]] == ["mean", "std", "median", "25quantile",
+                                                                     "75quantile"]
+    text = "\n".join(markdown)
+    assert "2023-2024 leaderboards" in text and "brats-evaluation" in text and text.count("| | Dice ET") == 3
+    assert float(summary["mean"]["ranked_dice_average"]) <= 1.0 and "lesion_f1_ET" in summary["mean"]
     assert (tmp_path / "w" / "evaluation_boxplot.png").stat().st_size > 1000
 
 

@@ -1,11 +1,16 @@
 """BraTS evaluation of predictions against labels (``configs/evaluate.py``).
 
 For every labelled subject of a data root, its ``<subject_id>.nii.gz`` in the predictions folder
-(the dataset's label convention, as ``configs/predict.py`` writes it) is scored with
-:func:`cmfl_jax.metrics.brats_metrics` using the label's voxel spacing. Outputs, written atomically:
-``evaluation_per_subject.csv``; ``evaluation_summary.csv`` and ``.md`` in the paper's table layout
-(Dice and HD95 for ET, WT, TC and their average; rows mean, std (population, ``np.std``), median, 25th
-and 75th percentile); ``evaluation_boxplot.png``.
+(the dataset's label convention, as ``configs/predict.py`` writes it) is scored, using the label's voxel spacing,
+by both metric families: the legacy per-volume metrics (:func:`cmfl_jax.metrics.brats_metrics`, BraTS 2017-2022:
+``dice_R``, ``hd95_R``, ``sensitivity_R``, ``specificity_R``) and the lesion-wise ones
+(:mod:`cmfl_jax.lesion_metrics`): the 2023-2024 leaderboards' ``ranked_dice_R``, ``ranked_hd95_R`` (BraTS-GLI's
+parameters) and the official package brats-evaluation's ``lesion_dice_R``, ``lesion_hd95_R``, ``lesion_f1_R``
+(its mean over matched lesions; NaN where neither mask has a lesion, left out of the statistics as the package's
+own summary does; an infinite HD95, no lesion matched, is reported as 373 as the package reports its global one).
+Outputs, written atomically: ``evaluation_per_subject.csv``; ``evaluation_summary.csv`` and ``.md`` in the
+paper's table layout (Dice and HD95 for ET, WT, TC and their average; rows mean, std (population, ``np.std``),
+median, 25th and 75th percentile), one table per family; ``evaluation_boxplot.png`` (legacy).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import warnings
 
 import ml_collections
 import numpy as np
@@ -22,18 +28,32 @@ from cmfl_jax.data.dataset import resolve_root
 from cmfl_jax.data.io import atomic_path, read_nifti
 from cmfl_jax.data.layouts import Subject, allowed_labels, discover, to_internal
 from cmfl_jax.errors import CMFLError
+from cmfl_jax.lesion_metrics import PACKAGE_PENALTY_HD95, brats_evaluation_metrics, leaderboard_lesionwise_metrics
 from cmfl_jax.metrics import METRIC_NAMES, REGIONS, brats_metrics
 from cmfl_jax.previews import new_figure, save_figure
 from cmfl_jax.progress import progress
 
-STATISTICS = {
-    "mean": np.mean,
-    "std": np.std,
-    "median": np.median,
-    "25quantile": lambda v: np.percentile(v, 25),
-    "75quantile": lambda v: np.percentile(v, 75),
+STATISTICS = {  # NaN (the package's figure without lesions) is left out; the legacy columns have none
+    "mean": np.nanmean,
+    "std": np.nanstd,
+    "median": np.nanmedian,
+    "25quantile": lambda v: np.nanpercentile(v, 25),
+    "75quantile": lambda v: np.nanpercentile(v, 75),
 }
-SUMMARY_COLUMNS = [f"dice_{r}" for r in REGIONS] + ["dice_average"] + [f"hd95_{r}" for r in REGIONS] + ["hd95_average"]
+# family -> (title, prefix of its Dice and HD95 columns)
+FAMILIES = {
+    "legacy": ("Legacy (per volume, BraTS 2017-2022)", ""),
+    "ranked": ("Lesion-wise, 2023-2024 leaderboards (the organisers' script, BraTS-GLI)", "ranked_"),
+    "lesion": ("Lesion-wise, brats-evaluation (mean over matched lesions)", "lesion_"),
+}
+
+
+def family_columns(prefix: str) -> list[str]:
+    return [f"{prefix}{m}_{r}" for m in ("dice", "hd95") for r in (*REGIONS, "average")]
+
+
+SUMMARY_COLUMNS = [c for _, prefix in FAMILIES.values() for c in family_columns(prefix)] + \
+    [f"lesion_f1_{r}" for r in (*REGIONS, "average")]
 
 
 def prediction_path(predictions: str, subject: Subject) -> str:
@@ -51,31 +71,54 @@ def evaluate_subject(subject: Subject, pred_path: str) -> dict:
     if extra:
         raise CMFLError(pred_path, f"label values {extra} outside the convention {list(allowed)}")
     spacing = tuple(float(z) for z in header.get_zooms()[:3])
-    metrics = brats_metrics(to_internal(pred, subject.et_label), to_internal(label, subject.et_label), spacing)
+    pred, label = to_internal(pred, subject.et_label), to_internal(label, subject.et_label)
+    metrics = brats_metrics(pred, label, spacing)
+    ranked = leaderboard_lesionwise_metrics(pred, label, spacing, "GLI")
+    package = brats_evaluation_metrics(pred, label, spacing)
     row = {"subject_id": subject.subject_id}
     for region in REGIONS:
         for name in METRIC_NAMES:
             row[f"{name}_{region}"] = float(metrics[region][name])
+    for region in REGIONS:
+        row[f"ranked_dice_{region}"] = ranked[region]["lesionwise_dice"]
+        row[f"ranked_hd95_{region}"] = ranked[region]["lesionwise_hd95"]
+        row[f"lesion_dice_{region}"] = package[region]["lesionwise_dsc"]
+        row[f"lesion_hd95_{region}"] = min(package[region]["lesionwise_hd95"], PACKAGE_PENALTY_HD95)
+        row[f"lesion_f1_{region}"] = package[region]["f1"]
     return row
 
 
 def summary_statistics(rows: list[dict]) -> dict[str, dict[str, float]]:
     """``{statistic: {column: value}}`` over subjects, columns of :data:`SUMMARY_COLUMNS`."""
     values = {c: np.array([r[c] for r in rows], np.float64) for c in rows[0] if c != "subject_id"}
-    for metric in ("dice", "hd95"):
-        values[f"{metric}_average"] = np.mean([values[f"{metric}_{r}"] for r in REGIONS], axis=0)
-    return {s: {c: float(f(values[c])) for c in SUMMARY_COLUMNS} for s, f in STATISTICS.items()}
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a column of NaN only: its statistics are NaN
+        for metric in ("dice", "hd95", "ranked_dice", "ranked_hd95", "lesion_dice", "lesion_hd95", "lesion_f1"):
+            values[f"{metric}_average"] = np.nanmean([values[f"{metric}_{r}"] for r in REGIONS], axis=0)
+        return {s: {c: float(f(values[c])) for c in SUMMARY_COLUMNS} for s, f in STATISTICS.items()}
 
 
-def summary_markdown(summary: dict[str, dict[str, float]]) -> str:
+def summary_markdown(summary: dict[str, dict[str, float]], family: str = "legacy") -> str:
     """The paper's layout: Dice ET, WT, TC, average | HD95 ET, WT, TC, average; one row per statistic."""
+    columns = family_columns(FAMILIES[family][1])
     head = "| | " + " | ".join(f"Dice {r}" for r in (*REGIONS, "avg")) + " | " + \
         " | ".join(f"HD95 {r}" for r in (*REGIONS, "avg")) + " |"
-    lines = [head, "|---" * (len(SUMMARY_COLUMNS) + 1) + "|"]
+    lines = [head, "|---" * (len(columns) + 1) + "|"]
     for stat, row in summary.items():
-        cells = [f"{row[c]:.4f}" if c.startswith("dice") else f"{row[c]:.2f}" for c in SUMMARY_COLUMNS]
+        cells = [f"{row[c]:.2f}" if "hd95" in c else f"{row[c]:.4f}" for c in columns]
         lines.append(f"| {stat} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def summary_report(summary: dict[str, dict[str, float]]) -> str:
+    """The legacy table, then one titled table per lesion-wise family and the package's mean instance F1."""
+    parts = [summary_markdown(summary, "legacy")]
+    for family in ("ranked", "lesion"):
+        parts.append(f"{FAMILIES[family][0]}:\n\n{summary_markdown(summary, family)}")
+    f1 = summary["mean"]
+    parts.append("brats-evaluation instance F1 (mean): " + ", ".join(
+        f"{r} {f1[f'lesion_f1_{r}']:.4f}" for r in (*REGIONS, "average")))
+    return "\n\n".join(parts)
 
 
 def _write_csv(path: str, header: list[str], rows: list[list]) -> None:
@@ -117,7 +160,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     summary = summary_statistics(rows)
     _write_csv(os.path.join(workdir, "evaluation_summary.csv"), ["statistic", *SUMMARY_COLUMNS],
                [[s, *(v[c] for c in SUMMARY_COLUMNS)] for s, v in summary.items()])
-    table = summary_markdown(summary)
+    table = summary_report(summary)
     with atomic_path(os.path.join(workdir, "evaluation_summary.md")) as tmp, open(tmp, "w") as f:
         f.write(table + "\n")
     save_boxplot(os.path.join(workdir, "evaluation_boxplot.png"), rows)
