@@ -10,6 +10,8 @@ import pytest
 from cmfl_jax.models import Conv3D, PatchDiscriminator
 from cmfl_jax.models import conv as conv_module
 
+pytestmark = pytest.mark.device_check  # run by python -m experiments.device_check on the device it checks
+
 
 def _assert_same_forward_and_gradients(module, x):
     """Forward, and gradient w.r.t. params and input, of native vs cpu_fast; returns the cpu_fast output."""
@@ -58,6 +60,7 @@ def test_even_kernel_stride1_cpu_fast_equals_native(shape):
     _assert_same_forward_and_gradients(Conv3D(2, kernel_size=2, strides=1, padding=0), x)
 
 
+@pytest.mark.slow
 def test_patch_discriminator_impls_agree():
     x = jax.random.normal(jax.random.key(0), (1, 32, 32, 32, 2))
     module = PatchDiscriminator()

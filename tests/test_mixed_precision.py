@@ -8,12 +8,15 @@ import itertools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from cmfl_jax.data.phantom import make_subject
 from cmfl_jax.data.pipeline import crop_centered
 from cmfl_jax.data.preprocess import preprocess_images
 from cmfl_jax.training.cmff_step import create_state, make_train_step
 from configs import cmff as cmff_config
+
+pytestmark = pytest.mark.device_check  # run by python -m experiments.device_check on the device it checks
 
 STEPS = 30
 PATCH = (32, 32, 32)
@@ -27,6 +30,7 @@ def phantom_batch() -> dict:
             "label": crop_centered(subject.label, subject.centre, PATCH)[None]}
 
 
+@pytest.mark.slow
 def test_bfloat16_cmff_overfits_a_patch_with_float32_params():
     config = cmff_config.get_config("smoke")  # U-Net base 4, depth 2, random init
     config.model.dtype, config.model.conv_impl = "bfloat16", "native"
