@@ -31,7 +31,6 @@ from experiments.benchmark_tables import (
     torch_references,
     unet_table,
     volume_table,
-    xla_table,
 )
 
 TORCH_MEMORY_FORMATS = ("contiguous", "channels_last_3d")
@@ -44,37 +43,20 @@ def repeats_for(size: int, repeats: int) -> int:
 
 def run_jax_unet(case: dict[str, Any]) -> dict[str, Any]:
     """Cold compile, then timed calls, of the U-Net's train step and forward in one (size, conv_impl, dtype)."""
-    import time
-
     import jax
 
     jax.devices()  # bring the backend up before the baseline
     baseline = harness.current_rss_mib()
     state, x, y, train_step, forward = programs.unet_functions(case)
-    compiled = {}
-    for name, fn, args, donate in (("train", train_step, (state, x, y), 0),
-                                   ("forward", forward, (state.params, x), ())):
-        t0 = time.perf_counter()
-        compiled[name] = jax.jit(fn, donate_argnums=donate).lower(*args).compile()
-        compiled[name + "_s"] = time.perf_counter() - t0
-    rss_after_compile = harness.peak_rss_mib()
-    holder, losses = {"state": state}, []
-
-    def train_once():
-        holder["state"], loss = jax.block_until_ready(compiled["train"](holder["state"], x, y))
-        losses.append(float(loss))
-
     repeats, warmup = repeats_for(case["size"], case["repeats"]), case.get("warmup", 1)
-    train = harness.measure(train_once, repeats, warmup)
-    forward_times = harness.measure(lambda: jax.block_until_ready(compiled["forward"](holder["state"].params, x)),
-                                    repeats, warmup)
+    fwd, _ = programs.compile_and_time(jax.jit(forward), (state.params, x), repeats, warmup, donated=False)
+    train, losses = programs.compile_and_time(jax.jit(train_step, donate_argnums=0), (state, x, y), repeats, warmup,
+                                              loss=lambda out: out[1])  # last: the step donates the state
     return {"num_params": int(sum(leaf.size for leaf in jax.tree.leaves(state.params))),
-            "baseline_rss_mib": baseline, "peak_rss_after_compile_mib": rss_after_compile,
-            "peak_rss_mib": harness.peak_rss_mib(), "compile_train_s": compiled["train_s"],
-            "compile_forward_s": compiled["forward_s"], "train": train, "forward": forward_times,
+            "baseline_rss_mib": baseline, "peak_rss_mib": harness.peak_rss_mib(), "compile_train_s": train["compile_s"],
+            "compile_forward_s": fwd["compile_s"], "train": train["timing"], "forward": fwd["timing"],
             "repeats_run": repeats, "loss_first": losses[0], "loss_last": losses[-1],
-            "xla_train_memory": harness.memory_analysis(compiled["train"]),
-            "xla_forward_memory": harness.memory_analysis(compiled["forward"])}
+            "xla_train_memory": train["xla_memory"], "xla_forward_memory": fwd["xla_memory"]}
 
 
 def _torch_model(case: dict[str, Any]) -> Any:
@@ -142,7 +124,7 @@ def run_monai_volume(case: dict[str, Any]) -> dict[str, Any]:
 
 
 RUNNERS = {"jax_unet": run_jax_unet, "torch_unet": run_torch_unet, "jax_volume": programs.run_volume,
-           "monai_volume": run_monai_volume, "jax_cmff_devices": programs.run_step, "xla": programs.run_xla}
+           "monai_volume": run_monai_volume, "jax_cmff_devices": programs.run_step}
 
 
 def unet_cases(args: argparse.Namespace, with_torch: bool) -> list[dict[str, Any]]:
@@ -182,18 +164,11 @@ def devices_cases(args: argparse.Namespace, with_torch: bool) -> list[dict[str, 
             for size in args.sizes for impl in args.impls for dtype in args.dtypes for n in args.devices]
 
 
-def xla_cases(args: argparse.Namespace, with_torch: bool) -> list[dict[str, Any]]:
-    """Per function: XLA's CPU options (``programs.XLA_CANDIDATES``) compiled and timed in turn, in one process."""
-    return [dict(kind="xla", function=name, rounds=args.rounds) for name in args.functions]
-
-
 SUITES = {"unet": (unet_cases, unet_table), "volume": (volume_cases, volume_table),
-          "devices": (devices_cases, devices_table), "goal": (goal_cases, goal_table), "xla": (xla_cases, xla_table)}
+          "devices": (devices_cases, devices_table), "goal": (goal_cases, goal_table)}
 
 
 def describe(case: dict[str, Any]) -> str:
-    if case["kind"] == "xla":
-        return f"xla options of {case['function']}"
     if "devices" in case:
         return f"{case['size']}^3 cmff {case['impl']} {case['dtype']} on {case['devices']} devices"
     if case["kind"].endswith("_volume"):
@@ -213,9 +188,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls before the timed ones")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--devices", type=int, nargs="+", default=[1, 2, 4], help="devices suite: device counts")
-    parser.add_argument("--functions", nargs="+", default=list(programs.XLA_FUNCTIONS),
-                        choices=list(programs.XLA_FUNCTIONS), help="xla suite: the functions")
-    parser.add_argument("--rounds", type=int, default=5, help="xla suite: timed calls per candidate, in turn")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparator")
     parser.add_argument("--case-timeout", type=float, default=3600.0, help="seconds before a case counts as failed")
     parser.add_argument("--out", default=os.path.join("experiments", "results", "benchmark.json"),
@@ -245,24 +217,16 @@ def main(argv: list[str] | None = None) -> int:
         print("note: PyTorch is not importable (pip install -r requirements-bench.txt): JAX cases only", flush=True)
     machine = harness.machine_info(torch=torch_ver)
     print(f"machine: {harness.describe_machine(machine)}, torch {torch_ver or '-'}", flush=True)
-    payload: dict[str, Any] = {"suite": args.suite, "started": harness.now(),
-                               "argv": sys.argv[1:] if argv is None else argv, "machine": machine, "records": []}
-    head = (f"`{harness.command('experiments.benchmark', argv)}` ({payload['started']}, "
-            f"{harness.describe_machine(machine)})")
-
-    def save(records: list[dict[str, Any]]) -> None:
-        payload["records"] = records
-        payload["references"] = {f"{k[0]}^3": r["memory_format"] for k, r in torch_references(records).items()}
-        harness.write_outputs(args.out, payload, f"{head}\n\n{make_table(records)}\n")
-
     env = lambda case: None
     if args.suite == "devices":
         from cmfl_jax.sharding import forced_host_devices_env
 
         env = lambda case: forced_host_devices_env(case["devices"], os.environ)
-    records = harness.run_cases("experiments.benchmark", make_cases(args, torch_ver is not None), save,
-                                describe=describe, summary=summary, timeout=lambda case: args.case_timeout, env=env)
-    print(f"\n{make_table(records)}\n\nwrote {args.out} and {os.path.splitext(args.out)[0]}.md")
+    references = lambda records: {"references": {f"{k[0]}^3": r["memory_format"]
+                                                 for k, r in torch_references(records).items()}}
+    harness.run_suite("experiments.benchmark", argv, make_cases(args, torch_ver is not None), args.out, make_table,
+                      machine, {"suite": args.suite}, references, describe=describe, summary=summary,
+                      timeout=lambda case: args.case_timeout, env=env)
     return 0
 
 

@@ -122,20 +122,8 @@ def devices_table(records: list[dict[str, Any]]) -> str:
             "argument + output - aliased (donated) bytes of the compiled step, per device.")
 
 
-def xla_table(records: list[dict[str, Any]]) -> str:
-    """The xla suite: per function and candidate options, seconds per call and the ratio to XLA's defaults."""
-    rows = [[f"`{r['function']}`", label, f"{row['median_s']:.3f}", f"{row['ratio']:.2f}", f"{row['compile_s']:.1f}",
-             f"{row['max_abs_diff']:.2g}", "yes" if label == r["fastest"] else ""]
-            for r in records if ok(r) for label, row in r["rows"].items()]
-    rows += [[f"`{r['function']}`", "FAILED: " + r.get("error", "")[:60]] + ["-"] * 5 for r in records if not ok(r)]
-    return table(["function", "options", "median s per call", "/ defaults", "compile s", "max abs diff", "fastest"],
-                 rows)
-
-
 def summary(record: dict[str, Any]) -> str:
     """The progress line of a finished case."""
-    if record["kind"] == "xla":
-        return ", ".join(f"{label} {row['median_s']:.3f} s" for label, row in record["rows"].items())
     if "volume" in record:
         return f"{record['volume']['median_s']:.3g} s per subject, peak {record['peak_rss_mib']:.0f} MiB"
     if record["kind"] == "jax_cmff_devices" and record["train"] is None:

@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import resource
+import shlex
 import statistics
 import subprocess
 import sys
@@ -158,6 +159,23 @@ def run_cases(module: str, cases: list[dict[str, Any]], save: Callable[[list[dic
     return records
 
 
+def run_suite(module: str, argv: list[str] | None, cases: list[dict[str, Any]], out: str,
+              make_table: Callable[[list[dict]], str], machine: dict[str, Any], payload: dict[str, Any],
+              annotate: Callable[[list[dict]], dict] = lambda records: {}, **run: Any) -> list[dict[str, Any]]:
+    """:func:`run_cases`, the records in ``out`` (with ``payload``'s fields and ``annotate``'s) and their table next
+    to it (``.md``, under the command line and the machine), after every case."""
+    payload = {**payload, "started": now(), "argv": sys.argv[1:] if argv is None else argv, "machine": machine}
+    head = f"`{command(module, argv)}` ({payload['started']}, {describe_machine(machine)})"
+
+    def save(records: list[dict[str, Any]]) -> None:
+        payload.update(records=records, **annotate(records))
+        write_outputs(out, payload, f"{head}\n\n{make_table(records)}\n")
+
+    records = run_cases(module, cases, save, **run)
+    print(f"\n{make_table(records)}\n\nwrote {out} and {os.path.splitext(out)[0]}.md")
+    return records
+
+
 def machine_info(**extra: Any) -> dict[str, Any]:
     """What the numbers depend on: CPU, core count, library versions (without starting JAX's backend)."""
     cpu_model = ""
@@ -193,7 +211,7 @@ def now() -> str:
 
 
 def command(module: str, argv: list[str] | None) -> str:
-    return " ".join([f"python -m {module}", *(sys.argv[1:] if argv is None else argv)])
+    return f"python -m {module} " + shlex.join(sys.argv[1:] if argv is None else argv)
 
 
 def write_outputs(json_path: str, payload: dict[str, Any], markdown: str) -> None:

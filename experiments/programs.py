@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import os
-import statistics
 import time
 from typing import Any
 
@@ -60,6 +59,25 @@ def job_step(config: Any, mesh: Any) -> tuple[Any, dict, dict]:
     return module.make_train_step(config, mesh), sharding.replicate(states, mesh), sharding.shard_batch(batch, mesh)
 
 
+def compile_and_time(fn: Any, args: tuple, repeats: int, warmup: int, donated: bool = True,
+                     loss: Any = None) -> tuple[dict[str, Any], list[float]]:
+    """Cold compile of jitted ``fn`` on ``args``, XLA's buffer sizes, then ``warmup`` + ``repeats`` calls (none for 0
+    repeats), each on the last call's first output where ``donated``; (figures, ``loss`` of each call's output)."""
+    import jax
+
+    t0 = time.perf_counter()
+    compiled = fn.lower(*args).compile()
+    figures = {"compile_s": time.perf_counter() - t0, "xla_memory": harness.memory_analysis(compiled), "timing": None}
+    holder, losses = list(args), []
+
+    def once():
+        out = jax.block_until_ready(compiled(*holder))
+        holder[0] = out[0] if donated else holder[0]
+        losses.extend([float(loss(out))] if loss else [])
+
+    return {**figures, "timing": harness.measure(once, repeats, warmup) if repeats else None}, losses
+
+
 def run_step(case: dict[str, Any]) -> dict[str, Any]:
     """The job's train step on the first ``devices`` devices: cold compile, XLA's buffer sizes, then (``repeats``
     > 0) warm-up and timed steps; peak memory."""
@@ -72,23 +90,14 @@ def run_step(case: dict[str, Any]) -> dict[str, Any]:
     baseline = harness.current_rss_mib()
     config = load_config(case["config"], case.get("overrides"))
     step, states, batch = job_step(config, sharding.make_mesh(jax.devices()[: case["devices"]]))
-    rng = jax.random.key(SEED)
-    t0 = time.perf_counter()
-    compiled = step.lower(states, batch, rng).compile()
-    compile_s = time.perf_counter() - t0
-    holder, losses = {"states": states}, []
-
-    def once():
-        holder["states"], metrics = compiled(holder["states"], batch, rng)
-        losses.append(float(jax.block_until_ready(metrics)[LOSS_KEYS[config.job]]))
-
-    n = int(batch["image"].shape[0])
+    figures, losses = compile_and_time(step, (states, batch, jax.random.key(SEED)), case["repeats"], case["warmup"],
+                                       loss=lambda out: out[1][LOSS_KEYS[config.job]])
+    n, train = int(batch["image"].shape[0]), figures["timing"]
     record = {"device_count": jax.device_count(), "global_batch": n, "baseline_rss_mib": baseline,
-              "batch_devices": len(batch["image"].sharding.device_set), "compile_train_s": compile_s,
-              "xla_train_memory": harness.memory_analysis(compiled), "train": None}
-    if case["repeats"] > 0:
-        train = harness.measure(once, case["repeats"], case["warmup"])
-        record.update(train=train, steps_per_s=1.0 / train["median_s"], samples_per_s=n / train["median_s"],
+              "batch_devices": len(batch["image"].sharding.device_set), "compile_train_s": figures["compile_s"],
+              "xla_train_memory": figures["xla_memory"], "train": train}
+    if train:
+        record.update(steps_per_s=1.0 / train["median_s"], samples_per_s=n / train["median_s"],
                       loss_first=losses[0], loss_last=losses[-1])
     return {**record, "peak_rss_mib": harness.peak_rss_mib(), "memory": harness.memory_figures()}
 
@@ -193,71 +202,3 @@ def run_volume(case: dict[str, Any]) -> dict[str, Any]:
     return {"baseline_rss_mib": baseline, "compile_s": compile_s, "volume": timing, "windows": windows,
             "xla_memory": harness.memory_analysis(compiled), "peak_rss_mib": harness.peak_rss_mib(),
             "memory": harness.memory_figures()}
-
-
-XLA_CANDIDATES = {  # the xla suite's option sets, each compiled per function (jax.jit's compiler_options)
-    "defaults": {},
-    "no YNNPACK": {"xla_cpu_experimental_ynn_fusion_type": ""},
-    "YNNPACK dots only": {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"},
-}
-XLA_FUNCTIONS = {"cmft_step": ("configs/cmft.py:cpu64", {}),  # the config and overrides of each, or None: the U-Net
-                 "cmff_step": ("configs/cmff.py:cpu", {"init.mode": "random"}), "unet_step": None,
-                 "window": ("configs/cmff.py:full", {})}
-
-
-def xla_program(name: str) -> tuple[Any, tuple]:
-    """(jitted function, fresh arguments) of the xla suite: a job's step at a CPU size, the U-Net step at 64^3, or
-    the paper's CMFF network on one window (128^3)."""
-    import jax
-    import jax.numpy as jnp
-
-    from cmfl_jax import sharding
-
-    if name == "unet_step":
-        case = dict(size=64, base=16, depth=4, impl="cpu_fast", dtype="float32", seed=SEED)
-        state, x, y, train_step, _ = unet_functions(case)
-        return jax.jit(train_step, donate_argnums=0), (state, x, y)
-    spec, overrides = XLA_FUNCTIONS[name]
-    config = load_config(spec, overrides)
-    if name == "window":  # one window of the config's patch size
-        fn, params, channels = volume_program(dict(net="cmff", config=spec, overrides=overrides))
-        return fn, (params, jnp.asarray(random_batch(1, tuple(config.data.patch_size), channels)["image"]))
-    step, states, batch = job_step(config, sharding.make_mesh(jax.devices()[:1]))
-    return step, (states, batch, jax.random.key(1))
-
-
-def run_xla(case: dict[str, Any]) -> dict[str, Any]:
-    """One function compiled with each candidate's options, then timed in turn (``rounds`` rounds of one call each
-    after a warm-up), so that the machine's other load falls on every candidate alike; the largest difference of
-    its outputs from the defaults' (float rounding)."""
-    import jax
-
-    if jax.default_backend() != "cpu":
-        raise RuntimeError(f"the options are for the CPU backend; JAX uses {jax.default_backend()}")
-    donated = case["function"] != "window"  # a step's states are donated: each call takes the last one's
-    compiled, compile_s, args, times = {}, {}, {}, {}
-    for label, options in XLA_CANDIDATES.items():
-        fn, args[label] = xla_program(case["function"])
-        t0 = time.perf_counter()
-        compiled[label] = fn.lower(*args[label]).compile(compiler_options=options or None)
-        compile_s[label], times[label] = time.perf_counter() - t0, []
-
-    def call(label: str) -> Any:
-        out = jax.block_until_ready(compiled[label](*args[label]))
-        args[label] = (out[0], *args[label][1:]) if donated else args[label]
-        return jax.tree.leaves(out)
-
-    outputs = {label: [np.asarray(a, np.float64) for a in call(label) if np.issubdtype(a.dtype, np.floating)]
-               for label in compiled}  # the warm-up: every candidate on the same arguments
-    for _ in range(case["rounds"]):
-        for label in compiled:
-            t0 = time.perf_counter()
-            call(label)
-            times[label].append(time.perf_counter() - t0)
-    rows = {label: {"options": XLA_CANDIDATES[label], "compile_s": compile_s[label], "times_s": times[label],
-                    "median_s": statistics.median(times[label]), "max_abs_diff": max(
-                        float(np.max(np.abs(a - b))) for a, b in zip(outputs[label], outputs["defaults"], strict=True))}
-            for label in compiled}
-    for row in rows.values():
-        row["ratio"] = row["median_s"] / rows["defaults"]["median_s"]
-    return {"rows": rows, "fastest": min(rows, key=lambda label: rows[label]["median_s"])}
