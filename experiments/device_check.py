@@ -2,14 +2,11 @@
 
     python -m experiments.device_check [--out DIR] [--size smoke|full] [--skip-tests] [--minutes N]
 
-``--size`` picks the variant of ``configs/cmff.py`` and ``configs/cmft.py`` (``full``: the paper's 128^3 patches,
-base 16, depth 4, a 240x240x155 volume; ``smoke``: 32^3, base 4, depth 2, a 48^3 volume). Sections, each case in a
-fresh process (``experiments/harness.py``; this process never touches a device): ``device`` (platform, memory, an
-exact matmul), ``cmff_step`` and ``cmft_step`` (cold compile, median step, peak memory, XLA's buffers), ``volume``
-(sliding-window inference, plain and 8-flip mirrored), ``short_run`` (CMFF steps on the data pipeline's patches:
-the loss must fall) and, last, ``tests`` (``pytest -m device_check``, counted from its JUnit XML). A case the
-budget cannot hold is skipped, a failing one recorded with its error. Writes ``device_check.json`` and ``.md``
-into ``--out`` after every case; exits 1 if a section failed. docs/device_check.md has the details.
+``--size`` picks the variant of ``configs/cmff.py`` and ``configs/cmft.py``. Sections, each case in a fresh process
+(``experiments/harness.py``; this one never touches a device): ``device``, ``cmff_step``, ``cmft_step``, ``volume``,
+``short_run`` (the loss must fall) and ``tests`` (``pytest -m device_check``). A case the budget cannot hold is
+skipped, a failing one recorded with its error. Writes ``device_check.json`` and ``.md`` into ``--out`` after every
+case; exits 1 if a section failed. docs/device_check.md has the details.
 """
 
 from __future__ import annotations
@@ -22,13 +19,12 @@ import subprocess
 import sys
 import tempfile
 import time
-import xml.etree.ElementTree as ET
 from typing import Any
 
 import numpy as np
 
 from experiments import harness, programs
-from experiments.device_check_report import SECTIONS, markdown, progress_line
+from experiments.device_check_report import SECTIONS, junit_counts, markdown, progress_line, section_entries
 
 # The tests' environment (where not set already): no preallocation of accelerator memory, and float32 matmuls and
 # convolutions at full precision (a GPU's TF32 would break tolerances chosen for float32).
@@ -144,67 +140,35 @@ def describe(case: dict[str, Any]) -> str:
     return f"volume {'mirrored' if case['mirror'] else 'plain'}" if "mirror" in case else case["section"]
 
 
-def junit_counts(path: str) -> dict[str, Any]:
-    """Counts and failed test ids of a pytest JUnit XML file."""
-    root = ET.parse(path).getroot()
-    suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
-    counts = {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
-    failed = [f"{c.get('classname', '').replace('.', '/')}.py::{c.get('name')}" for s in suites
-              for c in s.iter("testcase") if c.find("failure") is not None or c.find("error") is not None]
-    return {"passed": counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"],
-            "failed": counts["failures"], "errors": counts["errors"], "skipped": counts["skipped"],
-            "failed_ids": failed[:10]}
-
-
 def run_tests(marker: str, timeout: float, paths: tuple[str, ...] = ("tests",)) -> dict[str, Any]:
-    """``pytest -m marker`` in one subprocess, stopped (SIGINT: pytest still writes its report) at ``timeout``."""
+    """``pytest -m marker`` in one subprocess: its exit status and JUnit report. Stopped at ``timeout`` with SIGINT,
+    pytest still writes the report, so a run cut short keeps its counts."""
     env = {**os.environ, **{k: os.environ.get(k, v) for k, v in TEST_ENV.items()}}
+    t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         xml = os.path.join(tmp, "junit.xml")
-        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:xdist", "-p", "no:cacheprovider", "-m", marker,
-               f"--junitxml={xml}", *paths]
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, cwd=harness.REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env=env, start_new_session=True)
-        timed_out = False
+        proc = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:xdist", "-p", "no:cacheprovider",
+                                 "-m", marker, f"--junitxml={xml}", *paths], cwd=harness.REPO, env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         try:
-            output, _ = proc.communicate(timeout=max(timeout, 1.0))
+            output, cut = proc.communicate(timeout=max(timeout, 1.0))[0], False
         except subprocess.TimeoutExpired:
-            timed_out = True
-            os.killpg(proc.pid, signal.SIGINT)
-            try:
-                output, _ = proc.communicate(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                output, _ = proc.communicate()
-        seconds = time.perf_counter() - t0
-        counts = junit_counts(xml) if os.path.isfile(xml) else {}
+            proc.send_signal(signal.SIGINT)
+            output, cut = proc.communicate()[0], True
+        counts = junit_counts(xml) if os.path.isfile(xml) else dict(passed=0, failed=0, errors=0, skipped=0,
+                                                                     failed_ids=[])
+    seconds, bad = time.perf_counter() - t0, counts["failed"] + counts["errors"]
     record = {"marker": marker, "seconds": seconds, "returncode": proc.returncode, "env": {k: env[k] for k in TEST_ENV},
-              **counts, "status": "ok"}
-    bad = counts.get("failed", 0) + counts.get("errors", 0)
-    if timed_out:
-        record["status"], record["reason"] = ("failed" if bad else "incomplete"), (
-            f"stopped at the --minutes budget after {seconds:.0f} s: {counts.get('passed', 0)} passed, {bad} failed")
-    elif bad or proc.returncode != 0:
-        tail = [line for line in output.splitlines() if line.strip()]
-        record["status"] = "failed"
-        ids = ", ".join(counts.get("failed_ids", [])[:3])
-        record["error"] = (f"{counts['failed']} failed, {counts['errors']} errors: {ids}" if bad
-                           else f"pytest exit code {proc.returncode}: {tail[-1] if tail else ''}")
+              **counts, "status": "failed" if bad or (proc.returncode and not cut) else "incomplete" if cut else "ok"}
+    if cut:
+        record["reason"] = (f"stopped at the --minutes budget after {seconds:.0f} s: {counts['passed']} passed, {bad} "
+                            "failed")
     if record["status"] == "failed":
-        record.setdefault("error", record.get("reason"))
+        tail = [line for line in output.splitlines() if line.strip()] or [""]
+        record["error"] = record.get("reason") or (
+            f"{counts['failed']} failed, {counts['errors']} errors: {', '.join(counts['failed_ids'][:3])}" if bad
+            else f"pytest exit code {proc.returncode}: {tail[-1]}")
     return record
-
-
-def section_entries(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    entries = {}
-    for section in SECTIONS:
-        cases = [r for r in records if r["section"] == section]
-        statuses = {c["status"] for c in cases}
-        if cases:
-            entries[section] = {"status": "failed" if "failed" in statuses else "ok" if "ok" in statuses else "skipped",
-                                "cases": cases, "seconds": sum(c.get("wall_s", 0.0) for c in cases)}
-    return entries
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -1,12 +1,37 @@
-"""The Markdown and progress lines of ``experiments/device_check.py``: one (device, what, figure) table a section."""
+"""The report of ``experiments/device_check.py``: section statuses, pytest's counts, progress lines, and the Markdown
+with one (device, what, figure) table a section."""
 
 from __future__ import annotations
 
+import xml.etree.ElementTree as ET
 from typing import Any
 
 from experiments.harness import table
 
 SECTIONS = ("device", "cmff_step", "cmft_step", "volume", "short_run", "tests")
+
+
+def section_entries(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    entries = {}
+    for section in SECTIONS:
+        cases = [r for r in records if r["section"] == section]
+        statuses = {c["status"] for c in cases}
+        if cases:
+            entries[section] = {"status": "failed" if "failed" in statuses else "ok" if "ok" in statuses else "skipped",
+                                "cases": cases, "seconds": sum(c.get("wall_s", 0.0) for c in cases)}
+    return entries
+
+
+def junit_counts(path: str) -> dict[str, Any]:
+    """Counts and failed test ids of a pytest JUnit XML file."""
+    root = ET.parse(path).getroot()
+    suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
+    counts = {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
+    failed = [f"{c.get('classname', '').replace('.', '/')}.py::{c.get('name')}" for s in suites
+              for c in s.iter("testcase") if c.find("failure") is not None or c.find("error") is not None]
+    return {"passed": counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"],
+            "failed": counts["failures"], "errors": counts["errors"], "skipped": counts["skipped"],
+            "failed_ids": failed[:10]}
 
 
 def _s(x: float | None) -> str:
