@@ -22,12 +22,10 @@ from typing import Any
 
 from experiments import harness, programs
 from experiments.benchmark_tables import (
-    FRAMEWORK,
     VOLUME_SHAPE,
     VOLUME_WINDOW,
     devices_table,
     goal_table,
-    summary,
     torch_references,
     unet_table,
     volume_table,
@@ -168,14 +166,6 @@ SUITES = {"unet": (unet_cases, unet_table), "volume": (volume_cases, volume_tabl
           "devices": (devices_cases, devices_table), "goal": (goal_cases, goal_table)}
 
 
-def describe(case: dict[str, Any]) -> str:
-    if "devices" in case:
-        return f"{case['size']}^3 cmff {case['impl']} {case['dtype']} on {case['devices']} devices"
-    if case["kind"].endswith("_volume"):
-        return f"volume {FRAMEWORK[case['kind']]} {case['impl']} mirror={case['mirror']}"
-    return f"{case['size']}^3 {FRAMEWORK[case['kind']]} {case['impl']} {case['dtype']}"
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--suite", choices=sorted(SUITES), default="unet")
@@ -225,8 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     references = lambda records: {"references": {f"{k[0]}^3": r["memory_format"]
                                                  for k, r in torch_references(records).items()}}
     harness.run_suite("experiments.benchmark", argv, make_cases(args, torch_ver is not None), args.out, make_table,
-                      machine, {"suite": args.suite}, references, describe=describe, summary=summary,
-                      timeout=lambda case: args.case_timeout, env=env)
+                      machine, {"suite": args.suite}, references, timeout=lambda case: args.case_timeout, env=env)
     return 0
 
 

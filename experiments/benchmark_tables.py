@@ -120,19 +120,3 @@ def devices_table(records: list[dict[str, Any]]) -> str:
             "are forced host devices (XLA_FLAGS=--xla_force_host_platform_device_count=N) sharing the same CPU cores: "
             "this shows that the sharded step runs and what its overhead is, not a speed-up. XLA column: temp + "
             "argument + output - aliased (donated) bytes of the compiled step, per device.")
-
-
-def summary(record: dict[str, Any]) -> str:
-    """The progress line of a finished case."""
-    if "volume" in record:
-        return f"{record['volume']['median_s']:.3g} s per subject, peak {record['peak_rss_mib']:.0f} MiB"
-    if record["kind"] == "jax_cmff_devices" and record["train"] is None:
-        return f"compiled in {record['compile_train_s']:.3g} s, XLA {_mib(record['xla_train_memory'])} MiB"
-    if "steps_per_s" in record:
-        return (f"{record['steps_per_s']:.3g} steps/s, compile {record['compile_train_s']:.3g} s, peak "
-                f"{record['peak_rss_mib']:.0f} MiB (case {record['wall_s']:.0f} s)")
-    text = (f"train {record['train']['median_s']:.3g} s, forward {record['forward']['median_s']:.3g} s, "
-            f"peak {record['peak_rss_mib']:.0f} MiB")
-    if record["compile_train_s"] is not None:
-        text += f", compile {record['compile_train_s']:.3g} + {record['compile_forward_s']:.3g} s"
-    return text + f" (case {record['wall_s']:.0f} s)"

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from experiments import harness, programs
-from experiments.device_check_report import SECTIONS, junit_counts, markdown, progress_line, section_entries
+from experiments.device_check_report import SECTIONS, junit_counts, markdown, section_entries
 
 # The tests' environment (where not set already): no preallocation of accelerator memory, and float32 matmuls and
 # convolutions at full precision (a GPU's TF32 would break tolerances chosen for float32).
@@ -134,12 +134,6 @@ def section_cases(section: str, args: argparse.Namespace) -> list[dict[str, Any]
                  config=cmff["config"], overrides={**cmff["overrides"], **run})]
 
 
-def describe(case: dict[str, Any]) -> str:
-    if "dtype" in case:
-        return f"{case['section']} {case['dtype']}"
-    return f"volume {'mirrored' if case['mirror'] else 'plain'}" if "mirror" in case else case["section"]
-
-
 def run_tests(marker: str, timeout: float, paths: tuple[str, ...] = ("tests",)) -> dict[str, Any]:
     """``pytest -m marker`` in one subprocess: its exit status and JUnit report. Stopped at ``timeout`` with SIGINT,
     pytest still writes the report, so a run cut short keeps its counts."""
@@ -219,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
                                           "budget (--minutes)")
 
     cases = [case for section in SECTIONS[:-1] for case in section_cases(section, args)]
-    records = harness.run_cases("experiments.device_check", cases, save, describe=describe, summary=progress_line,
+    records = harness.run_cases("experiments.device_check", cases, save,
                                 timeout=lambda case: deadline - time.perf_counter(), skip=skip,
                                 env=lambda case: harness.child_env(s["xla_flags"]))
     reason = "--skip-tests" if args.skip_tests else skip({"section": "tests"})
@@ -228,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"[tests] pytest -m '{args.marker}' ...", flush=True)
         tests = run_tests(args.marker, deadline - time.perf_counter())
-    print(f"[tests] {progress_line({'section': 'tests', **tests})}", flush=True)
+    counts = f"{tests.get('passed')} passed, {tests.get('failed')} failed, {tests.get('errors')} errors"
+    print(f"[tests] {tests['status']}: {tests.get('error') or tests.get('reason') or counts}", flush=True)
     out = save(records, {"tests": tests})
     print(f"\n{markdown(payload)}\nwrote {out}/device_check.json and device_check.md")
     return 1 if payload["failed"] else 0

@@ -49,23 +49,6 @@ def _peak(case: dict[str, Any]) -> tuple[str, str]:
     return ("peak device memory" if memory["source"] == "device" else "peak process RSS"), _mib(memory["peak_mib"])
 
 
-def progress_line(record: dict[str, Any]) -> str:
-    section = record["section"]
-    if record["status"] not in ("ok", "incomplete"):
-        return f"{record['status'].upper()}: {record.get('error') or record.get('reason')}"
-    if section == "device":
-        return f"{record['device_kind']} x{record['count']} ({record['platform']}), jax {record['jax']}"
-    if section == "volume":
-        return f"{record['volume']['median_s']:.3g} s per subject, compile {record['compile_s']:.3g} s"
-    if section == "short_run":
-        return f"loss {record['loss_first']:.4g} -> {record['loss_last']:.4g}, {record['step_s']:.3g} s per step"
-    if section == "tests":
-        return (f"{record['status']}: {record['passed']} passed, {record['failed']} failed, {record['errors']} errors "
-                f"in {record['seconds']:.0f} s")
-    return (f"compile {record['compile_train_s']:.3g} s, step {record['train']['median_s']:.3g} s, "
-            f"peak {record['memory']['peak_mib']:.0f} MiB")
-
-
 def section_title(section: str, payload: dict[str, Any]) -> str:
     z = payload["sizes"]
     p, b, d, v = z["patch"], z["base"], z["depth"], "×".join(map(str, z["volume"]))

@@ -1,9 +1,7 @@
-"""The experiments' one harness: every case in a fresh subprocess that prints one JSON line, the machine's
-description, and JSON and Markdown outputs rewritten after every case (a run cut short keeps what it measured).
-
-A client module keeps ``RUNNERS`` (case ``kind`` -> function of the case that returns its figures, called in the
-child) and hands its cases to :func:`run_cases`. The child is ``python -m experiments.harness MODULE CASE``, with
-JAX's persistent compilation cache off (every compile is cold) and the case's own peak memory.
+"""The experiments' one harness: every case in a fresh process that prints one JSON line (its compiles cold: JAX's
+persistent cache off; its peak memory its own), the machine's description, and JSON and Markdown outputs rewritten
+after every case. A client module keeps ``RUNNERS`` (case ``kind`` -> function of the case returning its figures,
+called in the child ``python -m experiments.harness MODULE CASE``) and hands its cases to :func:`run_cases`.
 """
 
 from __future__ import annotations
@@ -136,8 +134,22 @@ def run_case_subprocess(module: str, case: dict[str, Any], timeout: float,
     return {**record, "wall_s": time.perf_counter() - t0}
 
 
+def describe(case: dict[str, Any]) -> str:
+    """A case in a progress line: its section (or kind) and the fields that tell it from the others."""
+    fields = ("size", "impl", "dtype", "devices", "mirror", "function")
+    return " ".join([case.get("section", case["kind"]), *(f"{k}={case[k]}" for k in fields if k in case)])
+
+
+def summary(record: dict[str, Any]) -> str:
+    """A finished case in a progress line: its main timings and peak memory."""
+    parts = [f"{k} {record[k]['median_s']:.3g} s" for k in ("train", "forward", "volume")
+             if isinstance(record.get(k), dict) and record[k]["median_s"] is not None]
+    parts += [f"compile {record[k]:.3g} s" for k in ("compile_train_s", "compile_s") if record.get(k)]
+    parts += [f"peak {record['peak_rss_mib']:.0f} MiB"] if "peak_rss_mib" in record else []
+    return ", ".join([*parts, f"case {record.get('wall_s', 0):.0f} s"])
+
+
 def run_cases(module: str, cases: list[dict[str, Any]], save: Callable[[list[dict]], None], *,
-              describe: Callable[[dict], str], summary: Callable[[dict], str],
               timeout: Callable[[dict], float], skip: Callable[[dict], str | None] = lambda case: None,
               env: Callable[[dict], dict[str, str] | None] = lambda case: None) -> list[dict[str, Any]]:
     """Each case in its own process (or skipped with ``skip``'s reason), a progress line before and after it,
@@ -178,27 +190,20 @@ def run_suite(module: str, argv: list[str] | None, cases: list[dict[str, Any]], 
 
 def machine_info(**extra: Any) -> dict[str, Any]:
     """What the numbers depend on: CPU, core count, library versions (without starting JAX's backend)."""
-    cpu_model = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu_model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    except OSError:
-        pass
-    try:
-        with open("/proc/loadavg") as f:
-            load = f.read().split()[:3]
-    except OSError:
-        load = None
-    versions = {}
-    for name in ("jax", "jaxlib"):
+    def read(path: str, parse: Callable[[str], Any]) -> Any:
         try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
+            with open(path) as f:
+                return parse(f.read())
+        except (OSError, StopIteration):
+            return None
+
+    cpu_model = read("/proc/cpuinfo", lambda text: next(line.split(":", 1)[1].strip() for line in text.splitlines()
+                                                         if line.startswith("model name")))
+    versions = {name: metadata.version(name) for name in ("jax", "jaxlib")}
     return {"processor": platform.processor(), "cpu_model": cpu_model, "machine": platform.machine(),
             "platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
             "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-            "load_average": load, **versions, **extra}
+            "load_average": read("/proc/loadavg", lambda text: text.split()[:3]), **versions, **extra}
 
 
 def describe_machine(machine: dict[str, Any]) -> str:

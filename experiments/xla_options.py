@@ -114,9 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=os.path.join("experiments", "results", "xla_options.json"))
     args = parser.parse_args(argv)
     cases = [dict(kind="xla", function=name, rounds=args.rounds) for name in args.functions]
-    summary = lambda r: ", ".join(f"{label} {row['median_s']:.3f} s" for label, row in r["rows"].items())
     harness.run_suite("experiments.xla_options", argv, cases, args.out, markdown, harness.machine_info(), {},
-                      describe=lambda case: case["function"], summary=summary, timeout=lambda case: args.case_timeout)
+                      timeout=lambda case: args.case_timeout)
     return 0
 
 
