@@ -1,4 +1,4 @@
-"""The report of ``experiments/device_check.py``: section statuses, pytest's counts, progress lines, and the Markdown
+"""The report of ``experiments/device_check.py``: section statuses, pytest's counts and the Markdown
 with one (device, what, figure) table a section."""
 
 from __future__ import annotations
