@@ -1,57 +1,36 @@
 """Size and read speed of the pre-processed cache in several storage formats, on BraTS-sized phantoms.
 
-Writes ``--n`` synthetic subjects at 240x240x155 (``cmfl_jax.synthetic.write_dataset``, layout brats2021,
-seed 0) into ``--data`` once (kept: a later run reuses them), then builds the cache of every subject in each
-format below and measures:
-
-* MB per subject on disk (image, label map, tumour index, meta.json);
-* the time to read ``--patches`` random ``--patch``^3 patches (image and label, as the training sampler
-  reads them: open the entry, cut the window, zero outside the grid) at the same full-grid centres in
-  every format (half in the tumour, half anywhere in the brain): "warm" with the files in the page cache
-  (wall and CPU time; CPU time, over all threads, is what a busy machine changes least), "cold" with the
-  entry's files dropped from the page cache before each read (``posix_fadvise(DONTNEED)``, as when the
-  data set does not fit in memory). Every format reads each patch in turn, in a random order, so that
-  the machine's other load falls on all alike; each figure is the best of ``--repeats`` passes (mean
-  per patch);
-* the build time per subject (load and pre-process the NIfTI files, crop, write);
-* the largest difference of a patch from the uncropped float32 one (0: bit for bit).
-
-Formats: ``float32 npy, uncropped`` (format 1 of the cache, the reference), ``float32 npy, cropped``
-(``storage="npy"``), ``float16 npy, cropped`` (``storage="float16"``, the cache's default: the image a float16
-memory map read as it is stored, the label in blosc2 chunks; the steps cast on the device), ``float16 npy
-cast on read`` (the same files cast to float32 in numpy, as before the steps did it), ``float32 blosc2, cropped``
-(lossless; ``storage="blosc2"``, with and without byte shuffle) and ``float16 blosc2, cropped``. The cache's own
-formats are built by ``cmfl_jax.data.cache.cache_subject``, the others here.
+Writes ``--n`` synthetic 240x240x155 subjects into ``--data`` once (reused later), builds every subject's cache in
+each format of ``FORMATS`` (the cache's own through ``cmfl_jax.data.cache.cache_subject``, the others here) and
+measures MB per subject, the build time, and the time to read ``--patches`` random ``--patch``^3 patches as the
+training sampler reads them (half centred in the tumour), "warm" (page cache; wall and CPU time) and "cold" (the
+entry's files dropped from the page cache first). Every format reads each patch in turn, in a random order, so the
+machine's other load falls on all alike; each figure is the best of ``--repeats`` passes. Also the largest
+difference of a patch from the first format's. The JSON and its table (``.md``) go to ``--out``; docs/data.md
+tells what they mean.
 
     .venv/bin/python -m experiments.cache_benchmark --data /tmp/cache_bench/data [--n 12] [--patches 100]
         [--work /tmp/cache_bench/work] [--out experiments/results/cache_benchmark.json]
-
-The Markdown table is printed and written next to the JSON (``.md``).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 
 import numpy as np
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-
-from cmfl_jax.data import cache  # noqa: E402
-from cmfl_jax.data import cached_subject as cs  # noqa: E402
-from cmfl_jax.data.io import load_subject  # noqa: E402
-from cmfl_jax.data.pipeline import crop_centered  # noqa: E402
-from cmfl_jax.data.preprocess import preprocess_images  # noqa: E402
+from cmfl_jax.data import cache
+from cmfl_jax.data import cached_subject as cs
+from cmfl_jax.data.io import load_subject
+from cmfl_jax.data.pipeline import crop_centered
+from cmfl_jax.data.preprocess import preprocess_images
+from experiments import harness
 
 SHAPE = (240, 240, 155)
 DEFAULT_OUT = os.path.join("experiments", "results", "cache_benchmark.json")
@@ -237,30 +216,19 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
-    with open("/proc/loadavg") as f:
-        load = f.read().split()[:3]
-
-    table = markdown(list(rows.values()))
-    command = " ".join(["python -m experiments.cache_benchmark", *(argv if argv is not None else sys.argv[1:])])
-    result = {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
-                    "load_average_at_end": load},
-        "settings": {"n": len(subjects), "shape": SHAPE, "patches": args.patches, "patch": args.patch,
-                     "repeats": args.repeats, "crop_margin": cache.CROP_MARGIN, "blosc2_chunks": cs.BLOSC2_CHUNKS},
-        "command": command,
-        "rows": list(rows.values()),
-    }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
-    with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
-        f.write(f"{len(subjects)} phantoms at {'x'.join(map(str, SHAPE))}, {args.patches} patches of {args.patch}^3, "
-                f"best of {args.repeats} passes, {os.cpu_count()} CPUs (load average {' '.join(load)} at the end); "
-                f"`{command}`\n\n{table}\n")
+    machine, table = harness.machine_info(), markdown(list(rows.values()))
+    command = harness.command("experiments.cache_benchmark", argv)
+    settings = {"n": len(subjects), "shape": SHAPE, "patches": args.patches, "patch": args.patch,
+                "repeats": args.repeats, "crop_margin": cache.CROP_MARGIN, "blosc2_chunks": cs.BLOSC2_CHUNKS}
+    result = {"date": harness.now(), "machine": machine, "settings": settings, "command": command,
+              "rows": list(rows.values())}
+    load = " ".join(machine["load_average"] or [])
+    harness.write_outputs(args.out, result, f"{len(subjects)} phantoms at {'x'.join(map(str, SHAPE))}, "
+                          f"{args.patches} patches of {args.patch}^3, best of {args.repeats} passes, "
+                          f"{machine['cpu_count']} CPUs (load average {load} at the end); `{command}`\n\n{table}\n")
     print(table)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -90,11 +90,3 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if item.path.stem in INTEGRATION:
             item.add_marker(pytest.mark.slow)
-
-
-def forced_host_devices_env(devices: int, env: dict) -> dict[str, str]:
-    """``env`` for a child process whose CPU backend has ``devices`` devices (``XLA_FLAGS`` keeps its other
-    flags): the device count is fixed when JAX starts, so tests and benchmarks set it per subprocess."""
-    flags = [f for f in env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
-    return {**env, "JAX_PLATFORMS": "cpu",
-            "XLA_FLAGS": " ".join([*flags, f"--xla_force_host_platform_device_count={devices}"])}

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from cmfl_jax.models import UNet3D
-from experiments import benchmark
+from experiments import benchmark, harness, programs, xla_options
 
 TINY = dict(size=16, base=4, depth=2, repeats=2, warmup=1, seed=0)
 
 
+@pytest.mark.slow
 def test_jax_case_record():
-    record = benchmark.run_case(dict(kind="jax_unet", impl="cpu_fast", dtype="float32", **TINY))
+    record = harness.run_case(benchmark.RUNNERS, dict(kind="jax_unet", impl="cpu_fast", dtype="float32", **TINY))
     assert record["status"] == "ok", record.get("error")
     for part in ("train", "forward"):
         assert len(record[part]["times_s"]) == 2
@@ -25,11 +28,15 @@ def test_jax_case_record():
     assert record["num_params"] == 21640  # UNet3D(4, base=4, depth=2)
     assert np.isfinite(record["loss_first"]) and 0 < record["loss_first"] < 1
     assert {"size", "impl", "dtype", "repeats_run", "xla_train_memory"} <= set(record)
+    memory = record["xla_train_memory"]
+    assert memory["total_mib"] == pytest.approx(memory["temp_mib"] + memory["argument_mib"] + memory["output_mib"]
+                                                - memory["alias_mib"]) and memory["temp_mib"] > 0
 
 
 def test_failed_case_is_recorded_not_raised():
-    record = benchmark.run_case_subprocess(dict(kind="no_such_kind", impl="-", dtype="-", **TINY), timeout=60)
-    assert record["status"] == "failed" and "no_such_kind" in record["error"]
+    record = harness.run_case_subprocess("experiments.benchmark", dict(kind="no_such_kind", impl="-", dtype="-",
+                                                                       **TINY), timeout=60)
+    assert record["status"] == "failed" and "no_such_kind" in record["error"] and record["wall_s"] > 0
 
 
 def _ok(kind, impl, train, forward, size=16):
@@ -55,11 +62,11 @@ def test_torch_twin_matches_unet3d():
     from experiments.torch_unet import TorchUNet3D, load_flax_params, num_params, soft_dice_loss
 
     model = UNet3D(4, base=4, depth=2, conv_impl="native")
-    params = benchmark.random_unet_params(model, seed=1, noise=0.1)  # no 0/1 biases and scales: each copy counts
+    params = programs.random_unet_params(model, seed=1, noise=0.1)  # no 0/1 biases and scales: each copy counts
     twin = TorchUNet3D(2, 4, base=4, depth=2)
     assert num_params(twin) == sum(v.size for v in jax.tree.leaves(params))
     load_flax_params(twin, params)
-    x, y = benchmark.unet_inputs(16, seed=3)
+    x, y = programs.unet_inputs(16, seed=3)
     expected = np.asarray(jax.jit(model.apply)({"params": params}, jnp.asarray(x))[0])
     with torch.inference_mode():
         got = twin(torch.from_numpy(x.transpose(0, 4, 1, 2, 3).copy())).numpy().transpose(0, 2, 3, 4, 1)
@@ -83,10 +90,14 @@ def test_volume_table_gives_seconds_per_subject_and_ratio_to_monai():
     assert rows[4] == "| jax | cpu_fast | 8 flips | 5 | 360 | 1000 | 6.00 |"
 
 
+@pytest.mark.slow
 def test_devices_case_runs_on_forced_host_devices():
-    case = dict(kind="jax_cmff_devices", devices=2, size=16, base=2, depth=2, impl="native", dtype="float32",
-                repeats=1, warmup=0, seed=0)
-    record = benchmark.run_case_subprocess(case, timeout=300)
+    args = benchmark.parse_args(["--suite", "devices", "--devices", "2", "--sizes", "16", "--base", "2", "--depth",
+                                 "2", "--impls", "native", "--dtypes", "float32", "--repeats", "1", "--warmup", "0"])
+    (case,) = benchmark.devices_cases(args, with_torch=False)
+    from cmfl_jax.sharding import forced_host_devices_env
+
+    record = harness.run_case_subprocess("experiments.benchmark", case, 300, forced_host_devices_env(2, os.environ))
     assert record["status"] == "ok", record.get("error")
     assert record["device_count"] == record["batch_devices"] == 2 and record["global_batch"] == 2
     assert record["steps_per_s"] == pytest.approx(1 / record["train"]["median_s"])
@@ -95,27 +106,6 @@ def test_devices_case_runs_on_forced_host_devices():
     rows = benchmark.devices_table([record, {**case, "devices": 4, "status": "failed", "error": "OOM"}]).splitlines()
     assert rows[2].startswith("| 16^3 | 2/2 | native | float32 | 2 | 2 |")
     assert "FAILED: OOM" in rows[3] and "not a speed-up" in rows[-1]
-
-
-def test_gemm_kernel_gradient_equals_the_native_convolutions_gradient():
-    """The GEMM-form kernel gradient that PERF.md records (chunked over depth, with a remainder chunk) is the
-    native 3^3 convolution's own gradient, for the kernel and, through the custom_vjp, for the input; so is the
-    microbenchmark's float64 reference."""
-    from cmfl_jax.models.conv import _conv_native
-    from experiments.conv_microbench import as2d_gemm_kernel_grad, conv_grads_float64, kernel_grad_gemm
-
-    rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.standard_normal((2, 7, 5, 4, 3)), jnp.float32)
-    w = jnp.asarray(rng.standard_normal((3, 3, 3, 3, 2)), jnp.float32)
-    g = jnp.asarray(rng.standard_normal((2, 7, 5, 4, 2)), jnp.float32)
-    want_x, want_w = jax.grad(lambda x, w: jnp.vdot(_conv_native(x, w, 1, 1), g), (0, 1))(x, w)
-    np.testing.assert_allclose(kernel_grad_gemm(x, g, 3, 1, chunk=3), want_w, rtol=1e-4, atol=1e-4)
-    got_x, got_w = jax.grad(lambda x, w: jnp.vdot(as2d_gemm_kernel_grad(1, chunk=4)(x, w), g), (0, 1))(x, w)
-    np.testing.assert_allclose(got_w, want_w, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(got_x, want_x, rtol=1e-4, atol=1e-4)
-    ref_x, ref_w = conv_grads_float64(x, w, g, 1)  # the benchmark's float64 reference
-    np.testing.assert_allclose(ref_x, want_x, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(ref_w, want_w, rtol=1e-4, atol=1e-4)
 
 
 def test_goal_table_has_one_row_per_goal_with_the_fastest_jax_case():
@@ -134,3 +124,37 @@ def test_goal_table_has_one_row_per_goal_with_the_fastest_jax_case():
     cases = benchmark.goal_cases(args, with_torch=True)
     assert [c["kind"] for c in cases] == ["torch_unet", "torch_unet", "jax_unet", "monai_volume", "jax_volume"]
     assert all(c["repeats"] == 1 and c["warmup"] == 0 and not c["mirror"] for c in cases[3:])
+
+
+@pytest.mark.slow
+def test_volume_case_times_plain_and_mirrored_sliding_window():
+    args = benchmark.parse_args(["--suite", "volume", "--base", "2", "--depth", "2", "--impls", "cpu_fast",
+                                 "--repeats", "1", "--warmup", "0"])
+    cases = benchmark.volume_cases(args, with_torch=True)
+    assert [(c["kind"], c["mirror"]) for c in cases] == [("monai_volume", False), ("jax_volume", False),
+                                                         ("jax_volume", True)]
+    assert cases[1]["volume"] == (240, 240, 155) and cases[1]["window"] == 128
+    plain, mirrored = (harness.run_case(benchmark.RUNNERS, {**c, "volume": [32, 16, 12], "window": 16})
+                       for c in cases[1:])
+    for record in (plain, mirrored):
+        assert record["status"] == "ok", record.get("error")
+        assert record["windows"] == 3 and record["compile_s"] > 0 and record["volume"]["median_s"] > 0
+    assert mirrored["volume"]["median_s"] > plain["volume"]["median_s"]  # 8 forward passes per window
+
+
+@pytest.mark.slow
+def test_xla_case_times_every_candidate_in_turn(monkeypatch):
+    monkeypatch.setitem(xla_options.FUNCTIONS, "window", ("configs/cmff.py:smoke", {}))  # one 32^3 window, base 4
+    case = dict(kind="xla", function="window", rounds=2)
+    record = harness.run_case(xla_options.RUNNERS, case)
+    assert record["status"] == "ok", record.get("error")
+    rows = record["rows"]
+    assert list(rows) == list(xla_options.CANDIDATES) and record["fastest"] in rows
+    assert rows["defaults"]["max_abs_diff"] == 0 and rows["defaults"]["ratio"] == 1
+    for row in rows.values():
+        assert len(row["times_s"]) == 2 and row["median_s"] > 0 and row["compile_s"] > 0
+        assert row["max_abs_diff"] < 1e-3  # the options change the speed, not the function
+    table = xla_options.markdown([record, {**case, "function": "cmft_step", "status": "failed", "error": "OOM"}])
+    lines = table.splitlines()
+    assert lines[2].startswith("| `window` | defaults |") and "| 1.00 |" in lines[2]
+    assert lines[-1].startswith("| `cmft_step` | FAILED: OOM |")

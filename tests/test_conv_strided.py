@@ -10,6 +10,8 @@ import pytest
 from cmfl_jax.models import Conv3D, PatchDiscriminator
 from cmfl_jax.models import conv as conv_module
 
+pytestmark = pytest.mark.device_check  # run by python -m experiments.device_check on the device it checks
+
 
 def _assert_same_forward_and_gradients(module, x):
     """Forward, and gradient w.r.t. params and input, of native vs cpu_fast; returns the cpu_fast output."""

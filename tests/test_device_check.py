@@ -1,5 +1,6 @@
-"""experiments/device_check.py: the smoke run measures every section on CPU and writes its JSON and tables;
-the budget skips what it cannot hold; a failing case is recorded, not raised; pytest output is counted."""
+"""experiments/device_check.py: the smoke run measures every section on CPU, runs the device tests (pytest -m
+device_check) and writes its JSON and tables; the budget skips what it cannot hold; a failing case is recorded,
+not raised; the tests section counts pytest's JUnit report, also of a run stopped at the budget."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ import json
 import subprocess
 import sys
 
-from experiments import device_check
+import pytest
+
+from experiments import device_check, harness
+from experiments.device_check_report import SECTIONS, case_rows
 
 from .conftest import REPO
 
@@ -18,20 +22,23 @@ def _positive(x) -> bool:
     return isinstance(x, int | float) and x > 0
 
 
-def test_smoke_run_measures_every_section(tmp_path):
+@pytest.mark.slow
+def test_smoke_run_measures_every_section_and_runs_the_device_tests(tmp_path):
     out = tmp_path / "out"
-    # --minutes well above the ~2-5 minutes this takes on 2 shared cores: a loaded machine must not skip a section.
-    cmd = [sys.executable, "-m", "experiments.device_check", "--size", "smoke", "--skip-tests", "--out", str(out),
-           "--minutes", "30"]
+    # --minutes well above the few minutes this takes on 2 shared cores: a loaded machine must not skip a section.
+    # The tests section: the device tests that are not slow (the slow ones are the CI's other lane).
+    cmd = [sys.executable, "-m", "experiments.device_check", "--size", "smoke", "--marker", "device_check and not slow",
+           "--out", str(out), "--minutes", "30"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=2400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     report = json.loads((out / "device_check.json").read_text())
     assert report["size"] == "smoke" and report["failed"] == []
+    assert report["sizes"] == dict(patch=32, base=4, depth=2, volume=[48, 48, 48], subjects=4, lr=0.01, ce_weight=1.0,
+                                   steps=10, data_root="")  # configs/cmff.py:smoke
     sections = report["sections"]
-    assert list(sections) == list(device_check.SECTIONS)
-    assert sections["tests"] == {"status": "skipped", "reason": "--skip-tests", "seconds": sections["tests"]["seconds"]}
-    for name in ("device", "cmff_step", "cmft_step", "volume", "short_run"):
+    assert list(sections) == list(SECTIONS)
+    for name in SECTIONS[:-1]:
         assert sections[name]["status"] == "ok", (name, sections[name])
         assert all(case["status"] == "ok" for case in sections[name]["cases"]), name
 
@@ -40,31 +47,36 @@ def test_smoke_run_measures_every_section(tmp_path):
     assert device["memory"]["source"] == "process RSS" and _positive(device["memory"]["limit_mib"])
 
     for name in ("cmff_step", "cmft_step"):
-        cases = {case["dtype"]: case for case in sections[name]["cases"]}
-        assert set(cases) == {"float32"}, name  # smoke: float32 only; full: both (test_full_size_measures_both)
-        for case in cases.values():
-            assert _positive(case["compile_s"]) and _positive(case["step_s"]), (name, case)
-            assert _positive(case["memory"]["peak_mib"]) and _positive(case["xla_mib"]), (name, case)
-            assert case["patch"] == 32 and case["base"] == 4 and case["depth"] == 2
+        (case,) = sections[name]["cases"]  # smoke: float32 only; full: both (test_full_size_reads_the_full_configs)
+        assert case["dtype"] == "float32" and case["config"] == f"configs/{name[:4]}.py:smoke"
+        assert _positive(case["compile_train_s"]) and _positive(case["train"]["median_s"]), (name, case)
+        assert len(case["train"]["times_s"]) == 3 and case["global_batch"] == 1
+        assert _positive(case["memory"]["peak_mib"]) and _positive(case["xla_train_memory"]["total_mib"]), (name, case)
 
     volume = {case["mirror"]: case for case in sections["volume"]["cases"]}
     assert set(volume) == {False, True}
-    assert _positive(volume[False]["s_per_subject"]) and _positive(volume[True]["compile_s"])
-    assert volume[True]["s_per_subject"] >= volume[False]["s_per_subject"]  # 8 forward passes per window
+    assert _positive(volume[False]["volume"]["median_s"]) and _positive(volume[True]["compile_s"])
+    assert volume[True]["volume"]["median_s"] >= volume[False]["volume"]["median_s"]  # 8 forward passes a window
     assert volume[False]["windows"] == 8  # 48^3 in 32^3 windows at 50 % overlap: 2 per axis
 
     (run,) = sections["short_run"]["cases"]
-    assert len(run["losses"]) == run["steps"] == 10
+    assert len(run["losses"]) == run["steps"] == 10 and run["subjects"] == 4
     assert run["loss_last"] < run["loss_first"], run["losses"]
     assert _positive(run["compile_s"]) and _positive(run["step_s"])
 
+    tests = sections["tests"]
+    assert tests["status"] == "ok" and tests["returncode"] == 0, tests
+    assert tests["passed"] >= 40 and tests["failed"] == tests["errors"] == 0, tests
+    assert tests["env"]["JAX_DEFAULT_MATMUL_PRECISION"] == "highest"
+
     table = (out / "device_check.md").read_text()
-    assert table.count(TABLE_HEAD) == len(device_check.SECTIONS)
+    assert table.count(TABLE_HEAD) == len(SECTIONS)
     for title in ("## Device", "## CMFF train step: 32³", "## CMFT train step: 32³",
                   "## Full-volume inference: 48×48×48", "## Short CMFF run: 10 steps", "## Tests on this device"):
         assert title in table, title
     assert "| cpu | float32: step (median of 3) |" in table
     assert "| cpu | mirrored: s per subject (8 windows) |" in table
+    assert f"| cpu | passed / failed / errors / skipped | {tests['passed']} / 0 / 0 / " in table
     assert table in proc.stdout  # printed as written
 
 
@@ -72,32 +84,38 @@ def test_budget_skips_what_it_cannot_hold(tmp_path):
     rc = device_check.main(["--size", "smoke", "--minutes", "0.001", "--out", str(tmp_path)])
     assert rc == 0  # skipped is not failed
     report = json.loads((tmp_path / "device_check.json").read_text())
-    for name in ("device", "cmff_step", "cmft_step", "volume", "short_run"):
-        assert report["sections"][name]["status"] == "skipped"
-        assert all("--minutes" in case["reason"] for case in report["sections"][name]["cases"])
-    assert report["sections"]["tests"]["status"] == "skipped"
+    for name in SECTIONS:
+        cases = report["sections"][name].get("cases", [report["sections"][name]])
+        assert report["sections"][name]["status"] == "skipped" and all("--minutes" in c["reason"] for c in cases)
     assert "| unknown | skipped | needs ~" in (tmp_path / "device_check.md").read_text()
 
 
 def test_failed_case_is_one_line_and_the_table_says_so():
-    record = device_check.run_child({"section": "no_such_section"}, timeout=120)
-    assert record["status"] == "failed" and record["error"].startswith("KeyError"), record
-    rows = device_check.section_rows("volume", {"status": "failed", "cases": [{**record, "mirror": True}]})
-    assert rows == [("mirrored: FAILED", record["error"])]
+    record = harness.run_case_subprocess("experiments.device_check", {"kind": "no_such", "section": "volume",
+                                                                      "mirror": True}, timeout=120)
+    assert record["status"] == "failed" and record["error"] == "KeyError: 'no_such'", record
+    assert case_rows("volume", record) == [("mirrored: FAILED", record["error"])]
 
 
-def test_parse_pytest_counts_finished_and_cut_short_runs():
-    lines = ["tests/test_a.py::test_one PASSED                   [ 33%]",
-             "tests/test_a.py::test_two[x-1] FAILED              [ 66%]",
-             "tests/test_b.py::test_three SKIPPED (no gpu)       [100%]"]
-    cut = device_check.parse_pytest("\n".join(lines))
-    assert (cut["passed"], cut["failed"], cut["skipped"], cut["finished"]) == (1, 1, 1, False)
-    assert cut["failed_ids"] == ["tests/test_a.py::test_two[x-1]"]
-    done = device_check.parse_pytest("\n".join([*lines, "ERROR tests/test_c.py",
-                                                "==== 1 failed, 1 passed, 1 skipped, 1 error in 3.21s ===="]))
-    assert (done["passed"], done["failed"], done["errors"], done["skipped"], done["finished"]) == (1, 1, 1, 1, True)
+def test_full_size_reads_the_full_configs():
+    args = device_check.parse_args(["--size", "full"])
+    assert device_check.sizes(args) == dict(patch=128, base=16, depth=4, volume=[240, 240, 155], subjects=2, lr=1e-3,
+                                            ce_weight=1.0, steps=200, data_root="")
+    steps = device_check.section_cases("cmff_step", args) + device_check.section_cases("cmft_step", args)
+    assert [(c["config"], c["dtype"], c["overrides"]["model.dtype"]) for c in steps] == [
+        ("configs/cmff.py:full", "float32", "float32"), ("configs/cmff.py:full", "bfloat16", "bfloat16"),
+        ("configs/cmft.py:full", "float32", "float32"), ("configs/cmft.py:full", "bfloat16", "bfloat16")]
+    assert steps[0]["overrides"]["init.mode"] == "random" and steps[0]["repeats"] == 5
 
 
-def test_full_size_measures_float32_and_bfloat16():
-    assert device_check.SIZES["full"].dtypes == ("float32", "bfloat16")
-    assert device_check.SIZES["full"].patch == 128 and device_check.SIZES["full"].base == 16
+@pytest.mark.slow
+def test_tests_section_counts_the_junit_report_of_a_run_stopped_at_the_budget(tmp_path):
+    (tmp_path / "test_some.py").write_text(
+        "import time\n\nimport pytest\n\npytestmark = pytest.mark.device_check\n\n\n"
+        "def test_passes():\n    pass\n\n\ndef test_fails():\n    assert 1 == 2\n\n\n"
+        "def test_too_long():\n    time.sleep(600)\n\n\n@pytest.mark.skip\ndef test_never():\n    pass\n")
+    record = device_check.run_tests("device_check", 30, (str(tmp_path),))
+    assert (record["passed"], record["failed"], record["errors"]) == (1, 1, 0), record
+    assert record["status"] == "failed" and "stopped at the --minutes budget" in record["error"]
+    assert len(record["failed_ids"]) == 1 and record["failed_ids"][0].endswith("test_some.py::test_fails"), record
+    assert 30 <= record["seconds"] < 120

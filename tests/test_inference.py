@@ -17,6 +17,8 @@ from cmfl_jax.inference.sliding_window import (
 )
 from cmfl_jax.label_classes import classes_to_labels, labels_to_classes
 
+pytestmark = pytest.mark.device_check  # run by python -m experiments.device_check on the device it checks
+
 
 def test_window_starts_cover_the_axis_evenly():
     assert window_starts(10, 16, 0.5) == [0]

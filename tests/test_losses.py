@@ -9,6 +9,8 @@ import pytest
 
 from cmfl_jax import losses
 
+pytestmark = pytest.mark.device_check  # run by python -m experiments.device_check on the device it checks
+
 
 def test_lsgan_losses_by_hand():
     d_real = jnp.array([1.0, 0.5, 0.0])  # (0, 0.25, 1) -> mean 5/12

@@ -16,6 +16,8 @@ from cmfl_jax.data.preprocess import preprocess_images
 from cmfl_jax.synthetic import make_subject
 from cmfl_jax.training.cmff_step import create_state, make_train_step
 
+pytestmark = pytest.mark.device_check  # run by python -m experiments.device_check on the device it checks
+
 STEPS = 30
 PATCH = (32, 32, 32)
 

@@ -10,6 +10,8 @@ import pytest
 from cmfl_jax.errors import CMFLError
 from cmfl_jax.models import Conv3D, PatchDiscriminator, UNet3D, UpConv3D
 
+pytestmark = pytest.mark.device_check  # run by python -m experiments.device_check on the device it checks
+
 
 def test_table1_shapes_and_param_count_at_128():
     d = PatchDiscriminator(conv_impl="native")

@@ -28,8 +28,9 @@ import pytest
 from cmfl_jax import checkpoints
 from cmfl_jax.config_variants import load_config
 from cmfl_jax.training import cmff_step, cmft_step
+from experiments.programs import forced_host_devices_env
 
-from .conftest import REPO, forced_host_devices_env, write_tiny_dataset
+from .conftest import REPO, write_tiny_dataset
 
 PROCESSES = 2
 TIMEOUT_S = 600  # per run: a loaded 2-core machine compiles slowly

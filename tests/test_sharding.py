@@ -14,7 +14,9 @@ import sys
 
 import numpy as np
 
-from .conftest import REPO, forced_host_devices_env
+from experiments.programs import forced_host_devices_env
+
+from .conftest import REPO
 
 DEVICES = 4
 PHASES = ("cmft", "cmff")

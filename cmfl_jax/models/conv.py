@@ -18,7 +18,7 @@ and a program lowered or exported for several platforms (``jax.export`` with ``p
 carries both and picks when it is compiled where it runs. Nothing asks ``jax.default_backend()``, so a CPU-only
 machine can lower the GPU/TPU program (``tests/test_lowering.py``). Both implementations declare the same params
 (``kernel`` ``(k, k, k, C_in, C_out)``, ``bias``), so checkpoints are interchangeable.
-``experiments/conv_microbench.py`` times them.
+Their timings: docs/performance.md ("Convolutions").
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def _conv_3d_as_2d(x, kernel, pad):
 
 # After space-to-depth, the stride-1 conv is a matrix product (`_conv_valid_as_matmul`) when the folded input
 # has at least this many channels and voxels (matrix columns and rows), else the 2D-slice sum
-# (`_conv_3d_as_2d`), which measured faster for a skinny or small product (experiments/conv_microbench.py).
+# (`_conv_3d_as_2d`), which measured faster for a skinny or small product (docs/performance.md, "Convolutions").
 MATMUL_MIN_CHANNELS = 32
 MATMUL_MIN_VOXELS = 4096
 
