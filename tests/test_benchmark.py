@@ -95,7 +95,7 @@ def test_devices_case_runs_on_forced_host_devices():
     args = benchmark.parse_args(["--suite", "devices", "--devices", "2", "--sizes", "16", "--base", "2", "--depth",
                                  "2", "--impls", "native", "--dtypes", "float32", "--repeats", "1", "--warmup", "0"])
     (case,) = benchmark.devices_cases(args, with_torch=False)
-    from cmfl_jax.sharding import forced_host_devices_env
+    from experiments.programs import forced_host_devices_env
 
     record = harness.run_case_subprocess("experiments.benchmark", case, 300, forced_host_devices_env(2, os.environ))
     assert record["status"] == "ok", record.get("error")
