@@ -81,7 +81,7 @@ LONGEST_FIRST = (
 )
 # Integration tests: they train, compile whole networks or run jobs in subprocesses. Marked ``slow``, so that
 # ``pytest -m "not slow"`` is the quick lane of unit tests (hand-computed values, small functions); CI runs both.
-INTEGRATION = frozenset(LONGEST_FIRST)
+INTEGRATION = frozenset(LONGEST_FIRST) - {"test_ablations"}  # that file marks its one runner test itself
 
 
 def pytest_collection_modifyitems(items):

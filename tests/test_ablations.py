@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from experiments import ablations
+from experiments import ablations, ablations_report
 
 
 def parse_rows(markdown: str) -> dict[str, list[str]]:
@@ -26,22 +26,22 @@ def test_markdown_table_mean_std_and_paper_figures():
                                                                               "dice_TC": 0.6}},
         "alt_pairing": {"0": {"dice_ET": 0.1, "dice_WT": 0.2, "dice_TC": 0.3}},
     }
-    rows = parse_rows(ablations.markdown_table(results))
+    rows = parse_rows(ablations_report.markdown_table(results))
     assert rows["Ours"][:4] == ["0.600 ± 0.100", "0.800 ± 0.000", "0.600 ± 0.000", "0.667 ± 0.033"]
     assert rows["Ours"][4:] == ["0.791", "0.903", "0.836", "0.843", "0.757", "0.900", "0.828", "0.828"]
     assert rows["Ours, pairs (T1, FLAIR) / (T2, T1c)"] == ["0.100", "0.200", "0.300", "0.200", "–", "–", "–",
                                                            "0.822", "–", "–", "–", "–"]
-    claims = ablations.claims_markdown(results)
+    claims = ablations_report.claims_markdown(results)
     assert "Ours > Ours, pairs (T1, FLAIR) / (T2, T1c): 0.667 vs 0.200, **holds**" in claims
 
 
 def test_convergence_names_the_runs_without_et():
     learnt = {"dice_ET": 0.8, "dice_WT": 0.9, "dice_TC": 0.9}
     results = {"ours": {"0": learnt, "1": {**learnt, "dice_ET": 0.047}}, "s_b": {"0": {**learnt, "dice_ET": 0.5}}}
-    assert ablations.convergence_markdown(results) == (
+    assert ablations_report.convergence_markdown(results) == (
         "Not converged: 1 of 3 runs have not learnt ET (held-out ET Dice < 0.5): Ours (seed 1: ET 0.047).")
     results["ours"]["1"] = learnt
-    assert ablations.convergence_markdown(results) == "Converged: all 3 runs have learnt ET (held-out ET Dice >= 0.5)."
+    assert ablations_report.convergence_markdown(results) == "Converged: all 3 runs have learnt ET (held-out ET Dice >= 0.5)."
 
 
 def test_paper_averages_match_their_rows():
@@ -52,6 +52,7 @@ def test_paper_averages_match_their_rows():
                 assert abs(sum(figures[:3]) / 3 - figures[3]) <= 0.0015, v.name
 
 
+@pytest.mark.slow
 def test_runner_at_smoke_size(tmp_path):
     out, work = tmp_path / "out", tmp_path / "runs"
     args = dict(size="smoke", steps=4, cmft_steps=2, seeds=[0], out=str(out), workdir=str(work),
