@@ -153,11 +153,13 @@ def goal_cases(args: argparse.Namespace, with_torch: bool) -> list[dict[str, Any
 
 
 def devices_cases(args: argparse.Namespace, with_torch: bool) -> list[dict[str, Any]]:
-    """Per size, conv_impl and dtype: the paper's CMFF step on each of ``--devices`` forced host device counts."""
+    """Per size, conv_impl and dtype: the paper's ``--job`` step (CMFF, or CMFT's four networks) on each of
+    ``--devices`` forced host device counts."""
+    init = {"init.mode": "random"} if args.job == "cmff" else {}
     return [dict(kind="jax_cmff_devices", devices=n, size=size, impl=impl, dtype=dtype, base=args.base,
-                 depth=args.depth, repeats=args.repeats, warmup=args.warmup, seed=args.seed,
-                 config="configs/cmff.py:full",
-                 overrides={"init.mode": "random", "data.patch_size": [size] * 3, "model.base": args.base,
+                 depth=args.depth, repeats=args.repeats, warmup=args.warmup, seed=args.seed, job=args.job,
+                 config=f"configs/{args.job}.py:full",
+                 overrides={**init, "data.patch_size": [size] * 3, "model.base": args.base,
                             "model.depth": args.depth, "model.conv_impl": impl, "model.dtype": dtype})
             for size in args.sizes for impl in args.impls for dtype in args.dtypes for n in args.devices]
 
@@ -178,6 +180,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls before the timed ones")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--devices", type=int, nargs="+", default=[1, 2, 4], help="devices suite: device counts")
+    parser.add_argument("--job", choices=["cmff", "cmft"], default="cmff", help="devices suite: the step measured")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparator")
     parser.add_argument("--case-timeout", type=float, default=3600.0, help="seconds before a case counts as failed")
     parser.add_argument("--out", default=os.path.join("experiments", "results", "benchmark.json"),

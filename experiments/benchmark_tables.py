@@ -104,7 +104,8 @@ def devices_table(records: list[dict[str, Any]]) -> str:
     """The devices suite: steps/s and samples/s of the CMFF step per device count."""
     rows = []
     for r in records:
-        cells = [f"{r['size']}^3", f"{r['base']}/{r['depth']}", r["impl"], r["dtype"], str(r["devices"])]
+        cells = [r.get("job", "cmff"), f"{r['size']}^3", f"{r['base']}/{r['depth']}", r["impl"], r["dtype"],
+                 str(r["devices"])]
         if ok(r):
             timed = r["train"] is not None  # else compile only
             cells += [str(r["global_batch"]), num(r["compile_train_s"]),
@@ -113,9 +114,10 @@ def devices_table(records: list[dict[str, Any]]) -> str:
         else:
             cells += ["FAILED: " + r.get("error", "")[:60]] + ["-"] * 6
         rows.append(cells)
-    head = ["size", "base/depth", "impl", "dtype", "devices", "global batch", "compile s", "step s (median)",
+    head = ["step", "size", "base/depth", "impl", "dtype", "devices", "global batch", "compile s", "step s (median)",
             "steps/s", "samples/s", "peak RSS MiB", "XLA temp+args+out MiB"]
-    return (table(head, rows) + "\n\nCMFF train step (S_A + S_B + fusion branch with mask-guided attention, Adam), "
+    return (table(head, rows) + "\n\nThe cmff train step (S_A + S_B + fusion branch with mask-guided attention, "
+            "Adam) or the cmft one (G_AB, G_BA, D_A, D_B, four Adam states), "
             "data parallel: batch split over the devices, states replicated, global batch = devices x 1. The devices "
             "are forced host devices (XLA_FLAGS=--xla_force_host_platform_device_count=N) sharing the same CPU cores: "
             "this shows that the sharded step runs and what its overhead is, not a speed-up. XLA column: temp + "
