@@ -41,7 +41,8 @@ def test_convergence_names_the_runs_without_et():
     assert ablations_report.convergence_markdown(results) == (
         "Not converged: 1 of 3 runs have not learnt ET (held-out ET Dice < 0.5): Ours (seed 1: ET 0.047).")
     results["ours"]["1"] = learnt
-    assert ablations_report.convergence_markdown(results) == "Converged: all 3 runs have learnt ET (held-out ET Dice >= 0.5)."
+    assert ablations_report.convergence_markdown(results) == (
+        "Converged: all 3 runs have learnt ET (held-out ET Dice >= 0.5).")
 
 
 def test_paper_averages_match_their_rows():

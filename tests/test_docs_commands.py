@@ -201,3 +201,28 @@ def test_the_checker_catches_wrong_keys_values_and_flags():
         ["cmfl_jax.main", "--config=configs/cmff.py", "--config.x=1"]]
     assert python_invocations('ssh h --command="cd x && python -m cmfl_jax.main --config=c.py --config.y=2"') == [
         ["cmfl_jax.main", "--config=c.py", "--config.y=2"]]
+
+
+MEMORY_SOURCES = ("memory analysis", "measured on", "CPU compile")
+
+
+def unsourced_gpu_memory_claims(text: str) -> list[str]:
+    """Sentences that put a memory figure (GiB, GB) beside a GPU without saying where the figure comes from: the
+    development machine has no GPU, so such a figure is XLA's memory analysis of a CPU compile, or a measurement
+    on a named machine."""
+    prose = re.sub(r"```.*?```", "", text, flags=re.S)
+    sentences = re.split(r"(?<=[.;])\s+", re.sub(r"\s+", " ", prose))
+    return [s for s in sentences if re.search(r"\d\s?(GiB|GB)\b", s) and re.search(r"(?<!no )(?<!no-)\bGPUs?\b", s)
+            and not any(source in s for source in MEMORY_SOURCES)]
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=[os.path.relpath(d, REPO) for d in DOCS])
+def test_gpu_memory_figures_name_their_source(doc):
+    assert not unsourced_gpu_memory_claims(open(doc).read())
+
+
+def test_the_memory_check_catches_a_bare_claim():
+    assert unsourced_gpu_memory_claims("The step needs about 7 GiB, so batch 1 fits a 16 GB GPU. Next.") == [
+        "The step needs about 7 GiB, so batch 1 fits a 16 GB GPU."]
+    assert not unsourced_gpu_memory_claims("XLA's memory analysis of a CPU compile says 7 GiB; a GPU may differ.")
+    assert not unsourced_gpu_memory_claims("The machine: 2 cores, 24 GiB, no GPU.")
