@@ -20,19 +20,12 @@ Data augmentation (not in the paper, off by default): ``--config.data.augment.pr
 
 import ml_collections
 
-from cmfl_jax.config_defaults import (
-    data_config,
-    distributed_config,
-    model_config,
-    train_config,
-    use_cpu_sizes,
-    use_smoke_sizes,
-)
+from cmfl_jax import config_defaults as defaults
 from cmfl_jax.config_variants import apply_variants
 
 
 def _smoke(config: ml_collections.ConfigDict) -> None:
-    use_smoke_sizes(config)
+    defaults.use_smoke_sizes(config)
     config.init.mode = "random"  # no CMFT run needed; set mode=cmft and cmft_workdir to start from one
     config.train.update(steps=6, log_every=1, save_every=3)
     config.val.every = 3
@@ -41,7 +34,7 @@ def _smoke(config: ml_collections.ConfigDict) -> None:
 def _cpu(config: ml_collections.ConfigDict) -> None:
     """A short CPU budget, not the paper's 20k GPU steps: 10x the paper's learning rate, and Dice + CE (with Dice
     alone ET is still predicted over much of the healthy brain after 400 steps)."""
-    use_cpu_sizes(config)
+    defaults.use_cpu_sizes(config)
     config.cmff.update(lr=1e-3, ce_weight=1.0)
     config.train.update(steps=1000, save_every=100)
     config.val.every = 100
@@ -61,13 +54,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.job = "cmff"
     config.seed = 0
-    config.distributed = distributed_config()  # several processes/hosts: docs/multi_host.md
-    config.data = data_config()
-    config.model = model_config()
+    config.distributed = defaults.distributed_config()  # several processes/hosts: docs/multi_host.md
+    config.data = defaults.data_config()
+    config.model = defaults.model_config()
     config.model.branches = "fusion"  # "fusion" (Ours) | "A" | "B" | "A+B" (Table 2)
     config.model.attention = "mask"  # "mask" (mask-guided, Ours) | "cbam" (w CA) | "none" (w/o MG)
     config.model.output = "classes"  # "classes" (4-class softmax, the paper) | "regions" (WT/TC/ET sigmoids)
-    config.train = train_config(steps=20000)
+    config.train = defaults.train_config(steps=20000)
     config.init = ml_collections.ConfigDict(
         {
             "mode": "cmft",  # "cmft" (G_AB -> S_A, G_BA -> S_B) | "self" (G_AA, G_BB) | "random" (Table 4)

@@ -15,19 +15,12 @@ Data augmentation (not in the paper, off by default): ``--config.data.augment.pr
 
 import ml_collections
 
-from cmfl_jax.config_defaults import (
-    data_config,
-    distributed_config,
-    model_config,
-    train_config,
-    use_cpu_sizes,
-    use_smoke_sizes,
-)
+from cmfl_jax import config_defaults as defaults
 from cmfl_jax.config_variants import apply_variants
 
 
 def _smoke(config: ml_collections.ConfigDict) -> None:
-    use_smoke_sizes(config)
+    defaults.use_smoke_sizes(config)
     config.train.update(steps=6, log_every=1, save_every=3, preview_every=3)
 
 
@@ -39,7 +32,7 @@ def _cpu64(config: ml_collections.ConfigDict) -> None:
 
 def _cpu(config: ml_collections.ConfigDict) -> None:
     """The CPU demonstration pair with configs/cmff.py:cpu (same data and U-Net)."""
-    use_cpu_sizes(config)
+    defaults.use_cpu_sizes(config)
     config.train.update(steps=300, log_every=10, save_every=100, preview_every=100)
 
 
@@ -51,10 +44,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.job = "cmft"
     config.seed = 0
-    config.distributed = distributed_config()  # several processes/hosts: docs/multi_host.md
-    config.data = data_config()
-    config.model = model_config()
-    config.train = train_config(steps=20000)
+    config.distributed = defaults.distributed_config()  # several processes/hosts: docs/multi_host.md
+    config.data = defaults.data_config()
+    config.model = defaults.model_config()
+    config.train = defaults.train_config(steps=20000)
     config.cmft = ml_collections.ConfigDict(
         {
             "objective": "cycle",  # "cycle" (CMFT) or "self" (self-reconstruction, Ours_self)

@@ -7,29 +7,11 @@ the writer's command line, now ``python -m cmfl_jax.synthetic``.
 
 import sys
 
-from cmfl_jax.synthetic import (
-    BRATS_SHAPE,
-    LGG_FRACTION,
-    Phantom,
-    brats_affine,
-    grade_of_seed,
-    make_subject,
-    subject_seed,
-    write_dataset,
-)
+from cmfl_jax import synthetic
+from cmfl_jax.synthetic import *  # noqa: F403  (the names of synthetic.__all__)
 from cmfl_jax.synthetic.cli import main
 
-__all__ = [
-    "BRATS_SHAPE",
-    "LGG_FRACTION",
-    "Phantom",
-    "brats_affine",
-    "grade_of_seed",
-    "main",
-    "make_subject",
-    "subject_seed",
-    "write_dataset",
-]
+__all__ = [*synthetic.__all__, "main"]
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -12,8 +12,7 @@ creation is kept apart from data loading, as in nnU-Net). One module per step of
   N subjects in a BraTS layout; ``cli``: ``python -m cmfl_jax.synthetic --out DIR --n N [--layout brats2018]
   [--shape 240,240,155] [--seed 0]``; ``montage``: the picture in docs/data.md.
 
-Speed: on two CPU cores one 240x240x155 subject takes about 1.5 s, plus about 2 s once per process to load the
-templates; writing its five ``.nii.gz`` files takes about 1.5 s more.
+Its speed per BraTS-sized subject: docs/timings.md.
 """
 
 from cmfl_jax.synthetic.anatomy import BRATS_SHAPE
