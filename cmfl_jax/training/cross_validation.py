@@ -36,9 +36,10 @@ def out_of_fold(model_dir: str, subjects: Sequence[Subject], settings: Mapping, 
         loaded = load_subject(subject, with_label=True)
         image = predictor.model_input(loaded)
         pred, _ = predictor.labels(image, settings["overlap"], settings["batch_size"], settings["mirror"])
-        metrics = score_subject(pred, loaded.label, loaded.spacing)
+        regions = predictor.label_set.internal_regions
+        metrics = score_subject(pred, loaded.label, loaded.spacing, regions)
         out.append({"subject_id": subject.subject_id,
-                    **{r: {k: float(v) for k, v in metrics[r].items()} for r in REGIONS},
+                    **{r: {k: float(v) for k, v in metrics[r].items()} for r in regions},
                     "et_stats": list(metrics["et_stats"])})
         logging.info("cv: %s scored in %.1f s (Dice ET %.3f, WT %.3f, TC %.3f)", subject.subject_id,
                      time.perf_counter() - start, *(metrics[r]["dice"] for r in ("ET", "WT", "TC")))

@@ -2,7 +2,8 @@
 
 Bounded: the periodic validations see a fixed subset of the held-out fold, its first ``val.max_subjects`` ids
 in sorted order (0: all), and with ``val.full_at_end`` the last step sees the whole fold. The score that picks
-the best checkpoint (``best/``) is the mean Dice over ET, WT and TC **of the subset**, at every validation
+the best checkpoint (``best/``) is the mean Dice over the label set's regions (ET, WT, TC, and RC for BraTS 2024
+GLI post-treatment) **of the subset**, at every validation
 including the last (whose subset score is the mean over the same first subjects of the whole-fold run), so
 the best model is chosen among like scores. Logged under ``val/``: the subset's metrics, ``subjects`` and
 ``seconds`` (the validation's wall time); at a whole-fold validation also ``full/<metric>`` and
@@ -28,6 +29,7 @@ from cmfl_jax import checkpoints
 from cmfl_jax.data.cached_subject import uncrop
 from cmfl_jax.inference.sliding_window import cmff_predict_fn, restrict_to_brain, sliding_window
 from cmfl_jax.label_classes import probs_to_labels
+from cmfl_jax.label_sets import run_label_set
 from cmfl_jax.metrics import REGIONS, brats_metrics
 from cmfl_jax.models import builder
 from cmfl_jax.postprocess import et_statistics, tune_et_threshold
@@ -36,19 +38,21 @@ from cmfl_jax.progress import progress
 
 
 def validation_summary(per_subject: list[dict]) -> dict[str, float]:
-    """Mean over subjects of each region's metrics, plus ``dice_mean`` over ET, WT, TC (the best-model score)."""
+    """Mean over subjects of each region's metrics, plus ``dice_mean`` over the regions (the best-model score)."""
     out = {}
-    for region in REGIONS:
+    regions = [r for r in per_subject[0] if r != "et_stats"] if per_subject else list(REGIONS)
+    for region in regions:
         for metric in ("dice", "hd95", "sensitivity", "specificity"):
             out[f"{metric}_{region}"] = float(np.mean([m[region][metric] for m in per_subject]))
-    out["dice_mean"] = float(np.mean([out[f"dice_{r}"] for r in REGIONS]))
+    out["dice_mean"] = float(np.mean([out[f"dice_{r}"] for r in regions]))
     return out
 
 
-def score_subject(pred: np.ndarray, label: np.ndarray, spacing) -> dict:
-    """One subject's BraTS metrics per region and the ET statistics the post-processing is tuned on
-    (``"et_stats"``): what validation and the cross-validation's out-of-fold scoring record alike."""
-    return {**brats_metrics(pred, label, spacing), "et_stats": et_statistics(pred, label, spacing)}
+def score_subject(pred: np.ndarray, label: np.ndarray, spacing, regions=None) -> dict:
+    """One subject's BraTS metrics per region (``regions``: a label set's internal regions; default ET, WT, TC)
+    and the ET statistics the post-processing is tuned on (``"et_stats"``): what validation and the
+    cross-validation's out-of-fold scoring record alike."""
+    return {**brats_metrics(pred, label, spacing, regions), "et_stats": et_statistics(pred, label, spacing)}
 
 
 def tuned_postprocess(per_subject: list[dict]) -> dict:
@@ -65,8 +69,9 @@ class Validator:
         v = config.val
         self.entries = sorted(entries, key=lambda e: e.subject_id)  # the whole held-out fold
         self.subset = self.entries[: v.max_subjects] if v.max_subjects > 0 else self.entries
-        self.output = config.model.get("output", "classes")
-        self.predict = cmff_predict_fn(builder.cmff_net(config.model), config.data.pairing, mirror=v.mirror)
+        self.output, self.labels = config.model.get("output", "classes"), run_label_set(config)
+        model = builder.cmff_net(config.model, self.labels.num_classes)
+        self.predict = cmff_predict_fn(model, config.data.pairing, mirror=v.mirror)
         self.best_manager = checkpoints.make_manager(workdir, 1, subdir="best")
         meta = checkpoints.read_meta(self.best_manager)
         self.best = float(meta["val"]["dice_mean"]) if meta else -1.0
@@ -88,9 +93,9 @@ class Validator:
         for entry in progress(entries, desc=f"cmff validation (step {step}): subject"):
             image = uncrop(entry.image(), entry)  # the full grid: the tiling and the metrics of the raw volume
             probs = sliding_window(predict, image, window, v.overlap, v.batch_size)
-            pred = restrict_to_brain(probs_to_labels(probs, self.output), image)
+            pred = restrict_to_brain(probs_to_labels(probs, self.output, self.labels.classes), image)
             label = uncrop(entry.label(), entry)
-            per_subject.append(score_subject(pred, label, entry.meta["spacing"]))
+            per_subject.append(score_subject(pred, label, entry.meta["spacing"], self.labels.internal_regions))
             if first is None:
                 first = (entry.subject_id, image, label, pred, per_subject[0]["WT"]["dice"])
         return per_subject, first
