@@ -66,7 +66,8 @@ def summarize(per_fold: Sequence[Mapping[str, float]]) -> dict:
 
 def summary_markdown(summary: Mapping, workdir: str, command: str) -> str:
     """``cv_summary.md``: per-fold and mean ± std Dice and HD95 per region, the pooled threshold, the ensemble."""
-    columns = [f"{m}_{r}" for m in SUMMARY_METRICS for r in REGIONS]
+    regions = [k[len("dice_"):] for k in summary["mean"] if k.startswith("dice_") and k != "dice_mean"] or REGIONS
+    columns = [f"{m}_{r}" for m in SUMMARY_METRICS for r in regions]  # the label set's regions (RC for GLI 2024)
     header = " | ".join(c.replace("dice", "Dice").replace("hd95", "HD95").replace("_", " ") for c in columns)
     lines = [
         f"# Cross-validation: {len(summary['per_fold'])} folds",
