@@ -7,10 +7,11 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cmfl_jax import checkpoints
+from cmfl_jax import checkpoints, runtime
 from cmfl_jax.config_variants import load_config
 from cmfl_jax.data.csv_layout import read_subject_csv, write_subject_csv
 from cmfl_jax.data.io import load_subject, read_nifti, write_nifti
@@ -18,7 +19,7 @@ from cmfl_jax.data.layouts import discover
 from cmfl_jax.errors import CMFLError
 from cmfl_jax.inference.stablehlo import VolumePredictor
 from cmfl_jax.jobs import evaluate, predict, prepare
-from cmfl_jax.label_classes import check_output_classes, classes_to_labels, labels_to_classes
+from cmfl_jax.label_classes import check_output_classes, classes_to_labels, label_targets, labels_to_classes
 from cmfl_jax.label_sets import LABEL_SETS, extends, to_dataset, to_internal
 from cmfl_jax.metrics import brats_metrics
 
@@ -37,8 +38,7 @@ CASES = {
 
 
 def internal_truth(name: str) -> np.ndarray:
-    """The conftest's cube tumour (core, ET, oedema) plus, where the set has them, a cystic component (PED) and a
-    resection cavity (GLI 2024), as internal tissues."""
+    """The conftest's cube tumour, plus a cystic component (PED) and a resection cavity (GLI 2024): internal."""
     label = tiny_label()
     if 3 in LABEL_SETS[name].classes:
         label[7:9, 7:9, 7:9] = 3  # inside the core
@@ -133,33 +133,28 @@ def test_a_label_map_outside_the_set_names_the_file_and_values(tmp_path):
         load_subject(ped)
 
 
-def test_a_ped_label_map_reads_as_its_tissues(tmp_path):
+def test_a_ped_label_map_reads_as_its_tissues_and_a_csv_keeps_its_set(tmp_path):
     write_set(tmp_path, "brats2024_ped")
-    subject = discover(tmp_path)[0]
-    assert subject.label_set == "brats2024_ped" and subject.et_label == 1
-    raw, _, _ = read_nifti(subject.label)
-    loaded = load_subject(subject).label
-    for value, (_, tissue) in subject.labels.labels.items():  # 1 ET -> 4, 2 NET -> 1, 3 CC -> 3, 4 ED -> 2
+    subjects = discover(tmp_path)
+    assert subjects[0].label_set == "brats2024_ped" and subjects[0].et_label == 1
+    raw, loaded = read_nifti(subjects[0].label)[0], load_subject(subjects[0]).label
+    for value, tissue in {1: 4, 2: 1, 3: 3, 4: 2}.items():  # ET, NET, CC, ED
         np.testing.assert_array_equal(loaded == tissue, raw == value)
-    assert {1: 4, 2: 1, 3: 3, 4: 2} == {v: t for v, (_, t) in subject.labels.labels.items()}
-
-
-def test_csv_keeps_each_subjects_label_set(tmp_path):
-    write_set(tmp_path / "data", "brats2024_ped")
-    subjects = discover(tmp_path / "data")
     write_subject_csv(str(tmp_path / "s.csv"), subjects)
     assert [s.label_set for s in read_subject_csv(str(tmp_path / "s.csv"), True)] == ["brats2024_ped"] * 2
 
 
-def test_regions_output_needs_the_classic_classes():
+def test_targets_and_heads_follow_the_set():
+    gli = LABEL_SETS["brats2024_gli"]
+    target = label_targets(jnp.asarray(internal_truth(gli.name)), "classes", gli.classes)
+    assert target.shape == (*TINY_SHAPE, 5) and float(target[4, 4, 4, 4]) == 1.0  # RC is class 4
     assert check_output_classes("regions", LABEL_SETS["brats2023"].classes) == "regions"
     with pytest.raises(CMFLError, match=r"config\.model\.output: 'regions' .* not brats2024_gli"):
         check_output_classes("regions", LABEL_SETS["brats2024_gli"].classes, "brats2024_gli")
 
 
 class TruthPredictor(VolumePredictor):
-    """Predicts the test's truth everywhere: probabilities one-hot of its classes (the prediction path after the
-    network: argmax, brain mask, the release's values)."""
+    """A perfect model: one-hot probabilities of the truth (what follows is predict's: argmax, brain, values)."""
 
     def __init__(self, name: str, source: str):
         self.label_set, self.source, self.normalization = LABEL_SETS[name], source, "zscore_brain"
@@ -189,7 +184,7 @@ def test_prepare_predict_evaluate_round_trip(tmp_path, monkeypatch, name):
     config.model_dir, config.data.root = str(tmp_path / "model"), str(tmp_path / "data")
     config.postprocess.et_min_mm3 = 0.0
     predict.run(config, str(tmp_path / "predict"))  # auto: a brats2024_gli model claims the GLI names
-    for subject in discover(tmp_path / "data", label_set=config.data.label_set if name != "brats2024_gli" else name):
+    for subject in discover(tmp_path / "data", label_set=name):
         written, _, _ = read_nifti(str(tmp_path / "predict" / "predictions" / f"{subject.subject_id}.nii.gz"))
         np.testing.assert_array_equal(written, read_nifti(subject.label)[0])  # what the scorer reads: the release's
 
@@ -230,14 +225,12 @@ def test_cmff_trains_five_classes_and_predicts_the_resection_cavity(tmp_path):
 
     from .test_cmff_train import tiny_cmff_config
 
-    ids = write_set(tmp_path / "data", "brats2024_gli")
-    truth = to_dataset(internal_truth("brats2024_gli"), "brats2024_gli")
-    write_subject(tmp_path / "data", "BraTS-GLI-02002-102", truth, seed=5)
+    ids = [*write_set(tmp_path / "data", "brats2024_gli"), "BraTS-GLI-02002-102"]  # 3 folds: 2 train, 1 validates
+    write_subject(tmp_path / "data", ids[-1], to_dataset(internal_truth("brats2024_gli"), "brats2024_gli"), seed=5)
     workdir = tmp_path / "cmff"
-    workdir.mkdir()
     config = tiny_cmff_config(tmp_path / "data", steps=2, **{"init.mode": "random", "val.every": 2,
                                                               "data.label_set": "brats2024_gli"})
-    (workdir / "config.json").write_text(config.to_json_best_effort())  # as the CLI leaves it before the job
+    runtime.write_config(config, str(workdir))  # as the CLI leaves it before the job
     states = train_cmff(config, str(workdir))
     head = jax.device_get(states["seg"].params)["S_F"]["head"]
     assert jax.tree.leaves(head)[-1].shape[-1] == 5  # background, NETC, SNFH, ET, RC
@@ -247,7 +240,7 @@ def test_cmff_trains_five_classes_and_predicts_the_resection_cavity(tmp_path):
     config = load_config("predict")
     config.model_dir, config.checkpoint, config.data.root = str(workdir), "final", str(tmp_path / "data")
     predict.run(config, str(tmp_path / "predict"))  # auto on GLI names: the model's brats2024_gli
-    for sid in [*ids, "BraTS-GLI-02002-102"]:
+    for sid in ids:
         written, _, _ = read_nifti(str(tmp_path / "predict" / "predictions" / f"{sid}.nii.gz"))
         assert set(np.unique(written).tolist()) <= {0, 1, 2, 3, 4}
     config = load_config("evaluate")

@@ -40,7 +40,7 @@ from cmfl_jax.progress import progress
 def validation_summary(per_subject: list[dict]) -> dict[str, float]:
     """Mean over subjects of each region's metrics, plus ``dice_mean`` over the regions (the best-model score)."""
     out = {}
-    regions = [r for r in per_subject[0] if r != "et_stats"] if per_subject else list(REGIONS)
+    regions = [r for r, v in per_subject[0].items() if isinstance(v, dict)] if per_subject else list(REGIONS)
     for region in regions:
         for metric in ("dice", "hd95", "sensitivity", "specificity"):
             out[f"{metric}_{region}"] = float(np.mean([m[region][metric] for m in per_subject]))
