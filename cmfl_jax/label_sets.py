@@ -9,8 +9,9 @@ release's values), and hence the network's classes (background plus the set's ti
 what :func:`to_dataset` writes for each predicted class. Supporting a new release is one entry in
 :data:`LABEL_SETS`.
 
-``config.data.label_set`` chooses: ``auto`` (each subject the first set its naming fits, see
-:mod:`cmfl_jax.data.layouts`), or a name of :data:`LABEL_SETS`, which then applies to every subject.
+``config.data.label_set`` chooses: ``auto`` (each subject its naming's default set, see
+:mod:`cmfl_jax.data.layouts`; the names of GLI 2023 and GLI 2024 post-treatment are the same, so ``auto`` never
+picks ``brats2024_gli``), or a name of :data:`LABEL_SETS`, which then applies to every subject.
 """
 
 from __future__ import annotations
