@@ -27,6 +27,10 @@ def data_config() -> ml_collections.ConfigDict:
             "cache_storage": "auto",
             "normalization": "zscore_brain",  # or "none"
             "require_labels": True,
+            # the release's label convention (cmfl_jax.label_sets, docs/data.md): "auto" (from the file names;
+            # BraTS 2024 GLI post-treatment, 4 = resection cavity, needs "brats2024_gli") | "brats2021" |
+            # "brats2023" | "brats2024_gli" | "brats2024_ped"
+            "label_set": "auto",
             # lgg_fraction: share of LGG-like subjects (no enhancing tumour)
             "synthetic": {"n": 10, "shape": (240, 240, 155), "layout": "brats2018", "seed": 0, "lgg_fraction": 0.25},
             "patch_size": (128, 128, 128),

@@ -2,13 +2,17 @@
 
 ``config.model.output`` picks one of two heads:
 
-* ``"classes"`` (the paper): 4 mutually exclusive classes under one softmax; class ``i`` is label
-  ``CLASS_LABELS[i]``: background, NCR/NET (1), oedema (2), enhancing tumour (4).
+* ``"classes"`` (the paper): mutually exclusive classes under one softmax; class ``i`` is internal label
+  ``classes[i]`` of the run's label set (:attr:`cmfl_jax.label_sets.LabelSet.classes`), by default
+  ``CLASS_LABELS``: background, NCR/NET (1), oedema (2), enhancing tumour (4); a fifth, resection cavity (5),
+  for BraTS 2024 GLI post-treatment; ET, NET, CC, ED for BraTS 2024 PED.
 * ``"regions"`` (nnU-Net's BraTS setup): 3 overlapping BraTS regions under independent sigmoids, channel ``i``
-  is ``REGION_NAMES[i]``: WT = {1, 2, 4}, TC = {1, 4}, ET = {4} (:data:`REGION_LABELS`).
+  is ``REGION_NAMES[i]``: WT = {1, 2, 4}, TC = {1, 4}, ET = {4} (:data:`REGION_LABELS`); only for the label
+  sets whose classes are 0/1/2/4 (:func:`check_output_classes`).
 
 :func:`probs_to_labels` is the one conversion from either kind of probabilities to a 0/1/2/4 label map, used by
-validation, prediction (params and StableHLO) and the previews.
+validation, prediction (params and StableHLO) and the previews. Every function takes the ``classes`` of the
+run's label set and defaults to 0/1/2/4.
 """
 
 from __future__ import annotations
@@ -33,15 +37,30 @@ def check_output(output: str) -> str:
     return output
 
 
-def labels_to_classes(label):
-    """0/1/2/4 label map -> class indices 0..3 (works on numpy and jax arrays)."""
-    xp = jnp if not isinstance(label, np.ndarray) else np
-    return xp.where(label == 4, 3, label).astype(xp.int32)
+def check_output_classes(output: str, classes: tuple[int, ...], label_set: str = "") -> str:
+    """``output`` if its head fits the classes: the 3 nested regions only describe the 0/1/2/4 sets."""
+    if check_output(output) == "regions" and tuple(classes) != CLASS_LABELS:
+        raise CMFLError("config.model.output", f"'regions' (WT/TC/ET) needs a label set of classes 0/1/2/4 "
+                                               f"(brats2021, brats2023), not {label_set or tuple(classes)}")
+    return output
 
 
-def classes_to_labels(classes: np.ndarray) -> np.ndarray:
-    """Class indices 0..3 -> 0/1/2/4 label map (uint8)."""
-    return np.asarray(CLASS_LABELS, np.uint8)[np.asarray(classes)]
+def _class_table(classes: tuple[int, ...]) -> np.ndarray:
+    table = np.zeros(256, np.int32)
+    table[np.asarray(classes)] = np.arange(len(classes))
+    return table
+
+
+def labels_to_classes(label, classes: tuple[int, ...] = CLASS_LABELS):
+    """Internal label map -> class indices ``0..len(classes)-1`` (works on numpy and jax arrays)."""
+    if not isinstance(label, np.ndarray):
+        return jnp.asarray(_class_table(tuple(classes)))[label.astype(jnp.int32)]
+    return _class_table(tuple(classes))[label.astype(np.int64)]
+
+
+def classes_to_labels(classes: np.ndarray, labels: tuple[int, ...] = CLASS_LABELS) -> np.ndarray:
+    """Class indices -> internal label map (uint8): index ``i`` becomes ``labels[i]``."""
+    return np.asarray(labels, np.uint8)[np.asarray(classes)]
 
 
 def labels_to_regions(label):
@@ -65,15 +84,16 @@ def regions_to_labels(probs: np.ndarray, threshold: float = 0.5) -> np.ndarray:
     return label
 
 
-def label_targets(label, output: str):
-    """The training targets of a 0/1/2/4 label map: one-hot classes ``(..., 4)`` or regions ``(..., 3)``."""
+def label_targets(label, output: str, classes: tuple[int, ...] = CLASS_LABELS):
+    """The training targets of an internal label map: one-hot classes ``(..., len(classes))`` or regions
+    ``(..., 3)``."""
     if check_output(output) == "regions":
         return labels_to_regions(label)
-    return jax.nn.one_hot(labels_to_classes(label), NUM_CLASSES)
+    return jax.nn.one_hot(labels_to_classes(label, classes), len(classes))
 
 
-def probs_to_labels(probs: np.ndarray, output: str) -> np.ndarray:
-    """0/1/2/4 label map (uint8) of the network's probabilities: argmax of the classes, or the nested regions."""
+def probs_to_labels(probs: np.ndarray, output: str, classes: tuple[int, ...] = CLASS_LABELS) -> np.ndarray:
+    """Internal label map (uint8) of the network's probabilities: argmax of the classes, or the nested regions."""
     if check_output(output) == "regions":
         return regions_to_labels(probs)
-    return classes_to_labels(np.argmax(probs, axis=-1))
+    return classes_to_labels(np.argmax(probs, axis=-1), classes)

@@ -1,6 +1,8 @@
 """BraTS 2017/2018 metrics per region: Dice, sensitivity, specificity and Hausdorff 95.
 
-Regions from the 0/1/2/4 labels: WT = {1, 2, 4}, TC = {1, 4}, ET = {4}.
+Regions from the 0/1/2/4 labels: WT = {1, 2, 4}, TC = {1, 4}, ET = {4}. Another label set's regions (RC for
+BraTS 2024 GLI post-treatment; NETC, CC, ED for BraTS 2024 PED) come from its table entry,
+:attr:`cmfl_jax.label_sets.LabelSet.internal_regions`, passed as ``regions``.
 
 HD95 is computed over surface voxels (mask voxels with a 6-neighbour outside the mask),
 in millimetres using the voxel spacing, with scipy's exact Euclidean distance transform.
@@ -15,12 +17,14 @@ whole volume.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from scipy import ndimage
 
-REGIONS = {"ET": (4,), "WT": (1, 2, 4), "TC": (1, 4)}
+from cmfl_jax.label_sets import LABEL_SETS
+
+REGIONS = LABEL_SETS["brats2021"].internal_regions  # {"ET": (4,), "WT": (1, 2, 4), "TC": (1, 4)}
 EMPTY_HD95 = 373.13
 METRIC_NAMES = ("dice", "sensitivity", "specificity", "hd95")
 
@@ -68,9 +72,12 @@ def binary_metrics(pred: np.ndarray, target: np.ndarray, spacing: Sequence[float
     }
 
 
-def brats_metrics(pred: np.ndarray, target: np.ndarray, spacing: Sequence[float] = (1.0, 1.0, 1.0)) -> dict:
-    """``{"ET": {"dice", "sensitivity", "specificity", "hd95"}, "WT": ..., "TC": ...}`` of two label maps."""
+def brats_metrics(pred: np.ndarray, target: np.ndarray, spacing: Sequence[float] = (1.0, 1.0, 1.0),
+                  regions: Mapping[str, tuple[int, ...]] | None = None) -> dict:
+    """``{"ET": {"dice", "sensitivity", "specificity", "hd95"}, "WT": ..., "TC": ...}`` of two internal label
+    maps; ``regions``: a label set's internal regions instead of ET, WT, TC."""
+    regions = REGIONS if regions is None else regions
     pred, target = np.asarray(pred), np.asarray(target)
     if pred.shape != target.shape:
         raise ValueError(f"prediction shape {pred.shape} differs from target shape {target.shape}")
-    return {r: binary_metrics(region_mask(pred, r), region_mask(target, r), spacing) for r in REGIONS}
+    return {r: binary_metrics(np.isin(pred, v), np.isin(target, v), spacing) for r, v in regions.items()}

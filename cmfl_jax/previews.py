@@ -8,8 +8,10 @@ import numpy as np
 
 from cmfl_jax.data.io import atomic_path
 
-# Colours of the internal labels in overlays: NCR/NET red, oedema green, enhancing yellow.
-LABEL_COLOURS = {1: (1.0, 0.1, 0.1), 2: (0.1, 0.9, 0.1), 4: (1.0, 0.9, 0.0)}
+# Colours of the internal labels in overlays: NCR/NET red, oedema green, enhancing yellow; cystic component
+# (PED 2024) blue, resection cavity (GLI 2024 post-treatment) magenta.
+LABEL_COLOURS = {1: (1.0, 0.1, 0.1), 2: (0.1, 0.9, 0.1), 3: (0.2, 0.5, 1.0), 4: (1.0, 0.9, 0.0),
+                 5: (0.9, 0.2, 0.9)}
 
 
 def new_figure(nrows: int, ncols: int, size: float = 2.2):

@@ -60,6 +60,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.branches = "fusion"  # "fusion" (Ours) | "A" | "B" | "A+B" (Table 2)
     config.model.attention = "mask"  # "mask" (mask-guided, Ours) | "cbam" (w CA) | "none" (w/o MG)
     config.model.output = "classes"  # "classes" (4-class softmax, the paper) | "regions" (WT/TC/ET sigmoids)
+    # The label set whose classes the head predicts (5 classes with brats2024_gli's resection cavity); "": the
+    # data's (data.label_set, or its file names), which the job records here in config.json.
+    config.model.label_set = ""
     config.train = defaults.train_config(steps=20000)
     config.init = ml_collections.ConfigDict(
         {

@@ -38,7 +38,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.require_labels = False
     config.case = ""  # "t1,t1ce,t2,flair": four NIfTI files of one case, predicted instead of data.root
     config.case_id = ""  # name of that case's output; "" -> the T1 file's name without extension and _t1 suffix
-    config.et_label = 4  # enhancing-tumour value written for config.case (4; 3 for BraTS 2023+ conventions)
+    # enhancing-tumour value written for config.case with data.label_set=auto (4; 3 for BraTS 2023+ conventions);
+    # a model of another label set (brats2024_gli, brats2024_ped) writes its own values
+    config.et_label = 4
     config.out_dir = ""  # "" -> <workdir>/predictions
     config.overwrite = False  # False: skip subjects whose outputs (label map, probabilities if saved) exist
     config.overlap = 0.5  # sliding-window overlap

@@ -90,7 +90,7 @@ def all_zero(s):
 
 def label_outside_convention(s):
     rewrite(s.label, set_voxel(3))
-    return s.label, "label values [3] outside the convention [0, 1, 2, 4]"
+    return s.label, "label values [3] outside brats2021 (0/1/2/4)"
 
 
 def gzip_garbage(s):

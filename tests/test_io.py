@@ -106,7 +106,7 @@ BAD = {
     "nan": "NaN or Inf",
     "inf": "NaN or Inf",
     "zero": "all zero",
-    "labels": "label values [3] outside the convention [0, 1, 2, 4]",
+    "labels": "label values [3] outside brats2021 (0/1/2/4)",
 }
 
 

@@ -112,10 +112,10 @@ def test_explicit_csv_layout(tmp_path):
 
 def test_label_round_trip_2023():
     internal = np.array([0, 1, 2, 4, 4, 1], np.uint8)
-    dataset = to_dataset(internal, et_label=3)
+    dataset = to_dataset(internal, 3)
     np.testing.assert_array_equal(dataset, [0, 1, 2, 3, 3, 1])
-    np.testing.assert_array_equal(to_internal(dataset, et_label=3), internal)
-    np.testing.assert_array_equal(to_dataset(internal, et_label=4), internal)
+    np.testing.assert_array_equal(to_internal(dataset, 3), internal)
+    np.testing.assert_array_equal(to_dataset(internal, 4), internal)
     assert MODALITIES == ("t1", "t1ce", "t2", "flair")
 
 
@@ -180,7 +180,7 @@ XYZ = NamingFamily(
     suffixes={"t1": "a1", "t1ce": "a2", "t2": "a3", "flair": "a4", "seg": "lab"},
     sep="-",
     id_pattern=r"BraTS-XYZ-\d+-\d+",
-    et_label=3,
+    label_set="brats2023",
     releases=(("BraTS-XYZ-", "brats2025"),),
     default_release="xyz-named",
     writable=(("brats2025", "BraTS-XYZ-{index:05d}-000", False),),

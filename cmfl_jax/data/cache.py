@@ -42,7 +42,7 @@ from cmfl_jax.data.cached_subject import (
     write_entry_array,
 )
 from cmfl_jax.data.io import load_subject, read_json
-from cmfl_jax.data.layouts import INTERNAL_LABELS, Subject
+from cmfl_jax.data.layouts import Subject
 from cmfl_jax.data.preprocess import PREPROCESS_VERSION, preprocess_images
 from cmfl_jax.errors import CMFLError
 from cmfl_jax.progress import progress
@@ -84,7 +84,10 @@ def cache_key(subject: Subject, normalization: str, storage: str = DEFAULT_STORA
         sources.append((os.path.realpath(path), st.st_size, st.st_mtime_ns))
     settings = {"normalization": normalization, "preprocess": PREPROCESS_VERSION, "format": CACHE_FORMAT,
                 "storage": storage, "margin": CROP_MARGIN}
-    blob = json.dumps({"sources": sources, "settings": settings, "et": subject.et_label}, sort_keys=True)
+    # The older sets keep their old key ("et"), so their entries stay valid; the others add their name.
+    labels = {"et": subject.et_label} if subject.label_set in ("brats2021", "brats2023") else {
+        "label_set": subject.label_set}
+    blob = json.dumps({"sources": sources, "settings": settings, **labels}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -119,6 +122,7 @@ def _build_entry(subject: Subject, final: str, key: str, normalization: str, sto
         "layout": subject.layout,
         "grade": subject.grade,
         "et_label": subject.et_label,
+        "label_set": subject.label_set,
         "sources": _sources(subject),
         "key": key,
         "normalization": normalization,
@@ -142,8 +146,8 @@ def _build_entry(subject: Subject, final: str, key: str, normalization: str, sto
             write_entry_array(tmp, "label", label, storage)
             index_dtype = np.int32 if label.size < 2**31 else np.int64
             np.save(os.path.join(tmp, TUMOUR_FILE), np.flatnonzero(label > 0).astype(index_dtype))
-            counts = np.bincount(loaded.label.ravel(), minlength=5)  # the full grid, background included
-            meta["label_counts"] = {str(v): int(counts[v]) for v in INTERNAL_LABELS}
+            counts = np.bincount(loaded.label.ravel(), minlength=256)  # the full grid, background included
+            meta["label_counts"] = {str(v): int(counts[v]) for v in subject.labels.classes}  # internal tissues
             meta["tumour_bbox"] = _bbox(label > 0)
         with open(os.path.join(tmp, META_FILE), "w") as f:
             json.dump(meta, f, indent=1)
@@ -205,7 +209,8 @@ def cache_subject(subject: Subject, cache_dir: str, normalization: str = "zscore
             meta = _read_meta(final)
             if meta is None:
                 raise CMFLError(final, "cache entry has no readable meta.json")
-    meta.update(subject_id=subject.subject_id, layout=subject.layout, grade=subject.grade)
+    meta.update(subject_id=subject.subject_id, layout=subject.layout, grade=subject.grade,
+                label_set=subject.label_set)
     return CachedSubject(final, meta)
 
 

@@ -53,7 +53,7 @@ def load_entries(data: ml_collections.ConfigDict, announce: Callable[[str], None
     cache's size from it, before the others are built.
     """
     root = resolve_root(data)
-    subjects = discover(root, require_labels=data.require_labels)
+    subjects = discover(root, require_labels=data.require_labels, label_set=data.get("label_set", "auto"))
     folder, storage = preprocessed_dir(data.cache_dir or None), cache_storage(data)
     if announce is not None and subjects:
         announce(estimate_line(cache_subject(subjects[0], folder, data.normalization, storage), len(subjects),
@@ -64,7 +64,8 @@ def load_entries(data: ml_collections.ConfigDict, announce: Callable[[str], None
 def split_of(data: ml_collections.ConfigDict) -> tuple[list[Subject], list[Subject]]:
     """(train, validation) subjects of the configured root under ``data.split`` (not yet read or cached)."""
     root = resolve_root(data)
-    return apply_split(discover(root, require_labels=data.require_labels), data.split, root)
+    subjects = discover(root, require_labels=data.require_labels, label_set=data.get("label_set", "auto"))
+    return apply_split(subjects, data.split, root)
 
 
 def cache_subjects(data: ml_collections.ConfigDict, subjects: list[Subject]) -> list[CachedSubject]:

@@ -17,15 +17,17 @@ import zlib
 import nibabel as nib
 import numpy as np
 
-from cmfl_jax.data.subject import MODALITIES, Subject, allowed_labels, to_internal
+from cmfl_jax.data.subject import MODALITIES, Subject, to_internal
 from cmfl_jax.errors import CMFLError
+from cmfl_jax.label_sets import check_values
 
 AFFINE_TOLERANCE = 1e-3  # mm; BraTS modalities are co-registered, so their affines agree to float precision.
 
 
 @dataclasses.dataclass
 class LoadedSubject:
-    """A subject's raw arrays: ``images`` (4, D, H, W) float32, ``label`` (D, H, W) uint8 in 0/1/2/4."""
+    """A subject's raw arrays: ``images`` (4, D, H, W) float32, ``label`` (D, H, W) uint8 in internal tissues
+    (0/1/2/4, plus 3 and 5 for the 2024 sets: :mod:`cmfl_jax.label_sets`)."""
 
     subject: Subject
     images: np.ndarray
@@ -84,12 +86,8 @@ def load_subject(subject: Subject, with_label: bool = True) -> LoadedSubject:
         _check_finite(subject.label, raw)
         if np.issubdtype(raw.dtype, np.floating) and np.any(raw != np.round(raw)):
             raise CMFLError(subject.label, "label map has non-integer values")
-        values = np.unique(raw).astype(np.int64)
-        allowed = allowed_labels(subject.et_label)
-        extra = sorted(set(values.tolist()) - set(allowed))
-        if extra:
-            raise CMFLError(subject.label, f"label values {extra} outside the convention {list(allowed)}")
-        label = to_internal(raw, subject.et_label)
+        check_values(subject.label, np.unique(raw).astype(np.int64), subject.labels)
+        label = to_internal(raw, subject.labels)
     return LoadedSubject(subject, images, label, ref_affine, ref_header)
 
 

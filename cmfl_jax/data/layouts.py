@@ -4,14 +4,20 @@ Supported layouts (one folder per subject, found anywhere below the root; symbol
 
 * 2017/2018: ``Brats18_<id>_{t1,t1ce,t2,flair,seg}.nii.gz``, often under ``HGG/`` and ``LGG/``;
 * 2019-2021: ``BraTS20_Training_001_{...}.nii.gz``, ``BraTS2021_00000_{...}.nii.gz``;
-* 2023+: ``BraTS-GLI-00000-000-{t1n,t1c,t2w,t2f,seg}.nii.gz`` (enhancing tumour is label 3);
-* explicit: a CSV file with columns ``subject_id,t1,t1ce,t2,flair[,seg][,et_label]``.
+* 2023+: ``BraTS-{GLI,MEN,MET,PED,SSA}-00000-000-{t1n,t1c,t2w,t2f,seg}.nii.gz`` (enhancing tumour is label 3,
+  or 1 for the 2024 paediatric release);
+* explicit: a CSV file with columns ``subject_id,t1,t1ce,t2,flair[,seg][,et_label][,label_set]``.
 
 Each BraTS naming family is one :class:`NamingFamily` entry of :data:`NAMING_FAMILIES`; a new release's naming
 is supported by adding an entry there and nowhere else.
 
-Inside the package labels always follow BraTS 2017/2018: 0 background, 1 NCR/NET,
-2 oedema, 4 enhancing tumour. :func:`to_internal` and :func:`to_dataset` convert.
+Each subject gets a label set (:mod:`cmfl_jax.label_sets`): ``config.data.label_set``, or with ``auto`` its
+family's default for its id (classic names: brats2021; ``BraTS-PED-``: brats2024_ped; other 2023+ names:
+brats2023). Names never tell GLI 2023 from GLI 2024 post-treatment, so ``auto`` never guesses the resection
+cavity: a label 4 under brats2023 is an error that names brats2024_gli. ``prefer`` (the set a trained model
+predicts) replaces the default when it extends it (brats2024_gli extends brats2023 by RC). Inside the package
+labels are internal tissues (0/1/2/4 as in BraTS 2017/2018, plus 3 cystic component, 5 resection cavity);
+:func:`to_internal` and :func:`to_dataset` convert.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from cmfl_jax.data.subject import (  # re-exported: the names every layout share
     to_internal,
 )
 from cmfl_jax.errors import CMFLError
+from cmfl_jax.label_sets import AUTO, check_choice, extends
 
 __all__ = ["INTERNAL_LABELS", "MODALITIES", "NAMING_FAMILIES", "WRITABLE_LAYOUTS", "NamingFamily", "Subject",
            "allowed_labels", "discover", "subject_file_paths", "to_dataset", "to_internal"]
@@ -47,7 +54,8 @@ class NamingFamily:
       suffixes: file-name suffix of each key of :data:`MODALITIES` and of ``"seg"`` (the label map).
       sep: what separates subject id and suffix (``_`` in ``Brats18_x_t1``, ``-`` in ``BraTS-GLI-..-t1n``).
       id_pattern: regex of a subject id.
-      et_label: the value the family uses for enhancing tumour.
+      label_set: the label set ``auto`` gives its subjects.
+      task_label_sets: ``(id prefix, label set)`` pairs for tasks with another default (first match wins).
       releases: ``(id prefix, layout name)`` pairs naming the release of a subject id (first match wins),
         else ``default_release``.
       writable: ``(layout name, id format with {index}, has HGG/LGG folders)`` per layout it can write.
@@ -57,7 +65,8 @@ class NamingFamily:
     suffixes: Mapping[str, str]
     sep: str
     id_pattern: str
-    et_label: int
+    label_set: str
+    task_label_sets: tuple[tuple[str, str], ...] = ()
     releases: tuple[tuple[str, str], ...] = ()
     default_release: str = "brats-named"
     writable: tuple[tuple[str, str, bool], ...] = ()
@@ -70,6 +79,10 @@ class NamingFamily:
     def release_of(self, subject_id: str) -> str:
         return next((rel for prefix, rel in self.releases if subject_id.startswith(prefix)), self.default_release)
 
+    def label_set_of(self, subject_id: str) -> str:
+        """The label set ``auto`` gives a subject of this id."""
+        return next((ls for prefix, ls in self.task_label_sets if subject_id.startswith(prefix)), self.label_set)
+
 
 # Table order is match order: the classic family accepts any id, so it stays last.
 NAMING_FAMILIES: tuple[NamingFamily, ...] = (
@@ -77,8 +90,9 @@ NAMING_FAMILIES: tuple[NamingFamily, ...] = (
         name="2023",
         suffixes={"t1": "t1n", "t1ce": "t1c", "t2": "t2w", "flair": "t2f", "seg": "seg"},
         sep="-",
-        id_pattern=r"BraTS-[A-Za-z]+-\d+-\d+",
-        et_label=3,
+        id_pattern=r"BraTS-[A-Za-z]+-\d+-\d+",  # GLI, MEN, MET, PED, SSA (and any later task)
+        label_set="brats2023",
+        task_label_sets=(("BraTS-PED-", "brats2024_ped"),),
         default_release="brats2023",
         writable=(("brats2023", "BraTS-GLI-{index:05d}-000", False),),
     ),
@@ -87,7 +101,7 @@ NAMING_FAMILIES: tuple[NamingFamily, ...] = (
         suffixes={"t1": "t1", "t1ce": "t1ce", "t2": "t2", "flair": "flair", "seg": "seg"},
         sep="_",
         id_pattern=r".+?",
-        et_label=4,
+        label_set="brats2021",
         releases=(
             ("Brats17_", "brats2017"),
             ("Brats18_", "brats2018"),
@@ -125,7 +139,7 @@ def subject_file_paths(root: str | os.PathLike, layout: str, index: int, grade: 
         layout=layout,
         images=tuple(path(m) for m in MODALITIES),  # type: ignore[arg-type]
         label=path("seg"),
-        et_label=fam.et_label,
+        label_set=fam.label_set_of(sid),
         grade=grade if graded else None,
     )
 
@@ -160,19 +174,31 @@ def _walk(root: str) -> Iterator[tuple[str, list[str]]]:
         yield dirpath, filenames
 
 
-def discover(root: str | os.PathLike, require_labels: bool = True) -> list[Subject]:
+def _choose(default: str, label_set: str, prefer: str) -> str:
+    if label_set != AUTO:
+        return label_set
+    return prefer if prefer and extends(prefer, default) else default
+
+
+def discover(root: str | os.PathLike, require_labels: bool = True, label_set: str = AUTO,
+             prefer: str = "") -> list[Subject]:
     """All subjects below ``root`` (a folder tree, or a CSV of the explicit layout), sorted by id.
+
+    ``label_set``: ``config.data.label_set`` (``auto``: each subject its naming's default, or ``prefer`` where
+    that extends it; see the module's docstring).
 
     Raises:
       CMFLError: missing or empty root, a subject missing a modality (or its label map when
         ``require_labels``), or a malformed CSV.
     """
     root = os.fspath(root)
+    check_choice(label_set)
     if not os.path.exists(root):
         raise CMFLError(root, "data root does not exist")
     if os.path.isfile(root):
         if root.lower().endswith(".csv"):
-            return read_subject_csv(root, require_labels)
+            return [dataclasses.replace(s, label_set=_choose(s.label_set, label_set, prefer))
+                    for s in read_subject_csv(root, require_labels)]
         raise CMFLError(root, "data root must be a folder or a .csv listing subjects")
 
     groups: dict[tuple[str, str], dict[str, str]] = defaultdict(dict)
@@ -190,7 +216,7 @@ def discover(root: str | os.PathLike, require_labels: bool = True) -> list[Subje
         raise CMFLError(
             root,
             "no subjects found: expected BraTS file names (e.g. Brats18_*_t1.nii.gz, "
-            "BraTS2021_*_t1.nii.gz, BraTS-GLI-*-t1n.nii.gz) or a CSV of the explicit layout",
+            "BraTS2021_*_t1.nii.gz, BraTS-{GLI,MEN,MET,PED,SSA}-*-t1n.nii.gz) or a CSV of the explicit layout",
         )
 
     subjects = []
@@ -207,7 +233,7 @@ def discover(root: str | os.PathLike, require_labels: bool = True) -> list[Subje
                 layout=fam.release_of(sid),
                 images=tuple(files[m] for m in MODALITIES),  # type: ignore[arg-type]
                 label=files.get("seg"),
-                et_label=fam.et_label,
+                label_set=_choose(fam.label_set_of(sid), label_set, prefer),
                 grade=_grade_of(dirpath),
             )
         )

@@ -5,13 +5,12 @@ from __future__ import annotations
 import dataclasses
 import os
 
-import numpy as np
-
 from cmfl_jax.errors import CMFLError
+from cmfl_jax.label_sets import LabelSet, as_label_set, to_dataset, to_internal  # noqa: F401 (re-exported)
 
 # Channel order used everywhere inside the package: pair A = (t1, t1ce), pair B = (t2, flair).
 MODALITIES = ("t1", "t1ce", "t2", "flair")
-INTERNAL_LABELS = (0, 1, 2, 4)
+INTERNAL_LABELS = (0, 1, 2, 4)  # the classes of BraTS 2017-2023; other sets: cmfl_jax.label_sets
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,7 +22,7 @@ class Subject:
       layout: release the names come from (``brats2018``, ``brats2023``, ``csv``, ...).
       images: paths of T1, T1c, T2 and FLAIR, in :data:`MODALITIES` order.
       label: path of the label map, or None for unlabelled (validation/test) data.
-      et_label: the value the dataset uses for enhancing tumour (4, or 3 for 2023+).
+      label_set: the name of its label convention (:data:`cmfl_jax.label_sets.LABEL_SETS`).
       grade: ``HGG``/``LGG`` when the folder tree says so, else None.
     """
 
@@ -31,33 +30,27 @@ class Subject:
     layout: str
     images: tuple[str, str, str, str]
     label: str | None
-    et_label: int = 4
+    label_set: str = "brats2021"
     grade: str | None = None
 
     @property
     def folder(self) -> str:
         return os.path.dirname(self.images[0])
 
+    @property
+    def labels(self) -> LabelSet:
+        """The subject's label set: its values, regions and classes."""
+        return as_label_set(self.label_set)
 
-def _relabel(label: np.ndarray, old: int, new: int) -> np.ndarray:
-    out = np.asarray(label).astype(np.uint8)  # a copy: the caller's array is never changed
-    out[out == old] = new
-    return out
-
-
-def to_internal(label: np.ndarray, et_label: int) -> np.ndarray:
-    """Map a dataset label map to the internal 0/1/2/4 convention (uint8)."""
-    return _relabel(label, et_label, 4)
-
-
-def to_dataset(label: np.ndarray, et_label: int) -> np.ndarray:
-    """Map an internal 0/1/2/4 label map back to the dataset's convention (uint8)."""
-    return _relabel(label, 4, et_label)
+    @property
+    def et_label(self) -> int:
+        """The value the dataset uses for enhancing tumour (4 for 2017-2021, 3 for 2023, 1 for PED 2024)."""
+        return self.labels.et_label
 
 
-def allowed_labels(et_label: int) -> tuple[int, ...]:
-    """Label values a dataset with this enhancing-tumour value may contain."""
-    return (0, 1, 2, et_label)
+def allowed_labels(convention: int | str | LabelSet) -> tuple[int, ...]:
+    """Label values a dataset of this label set (or, the older API, enhancing-tumour value) may contain."""
+    return as_label_set(convention).values
 
 
 def check_unique_ids(root: str, subjects: list[Subject]) -> None:

@@ -36,7 +36,7 @@ from cmfl_jax.data.pairs import split_pairs
 from cmfl_jax.errors import CMFLError
 from cmfl_jax.inference.predictor import CHECKPOINT_DIRS, Predictor, load_workdir
 from cmfl_jax.inference.stablehlo import BUNDLE_FILE, BUNDLE_FORMAT, stablehlo_name
-from cmfl_jax.label_classes import CLASS_LABELS, REGION_LABELS
+from cmfl_jax.label_classes import REGION_LABELS
 
 __all__ = ["DEFAULT_PLATFORMS", "PLATFORMS", "export_bundle", "export_window_function",
            "parse_platforms", "stablehlo_name"]
@@ -96,10 +96,11 @@ def export_bundle(model_dir: str, out_dir: str, checkpoint: str = "best", platfo
             "format": BUNDLE_FORMAT,
             "config": run_config,
             "output": predictor.output,  # what the probabilities' channels are (load_stablehlo_predictor reads it)
-            "class_labels": list(CLASS_LABELS),
+            "class_labels": list(predictor.label_set.classes),  # internal tissues (cmfl_jax.label_sets)
+            "label_set": predictor.label_set.name,
             **({"region_labels": {r: list(v) for r, v in REGION_LABELS.items()}} if predictor.output == "regions"
                else {}),
-            "label_convention": "internal 0/1/2/4; predict writes each dataset's own (ET = 4, or 3 for BraTS 2023+)",
+            "label_convention": "internal tissues; predict writes each dataset's own label set's values",
             "source": predictor.source,
             "step": meta.get("step"),
             "validation": meta.get("val", {}),

@@ -25,7 +25,7 @@ from cmfl_jax.inference.stablehlo import VolumePredictor
 CV_SUMMARY = "cv_summary.json"  # in a CV workdir: the folds' models and the pooled tuned post-processing
 KEY = "config.model_dir"
 # What every member must share: the ensemble pre-processes each subject once and converts the mean once.
-AGREE = ("output", "normalization")
+AGREE = ("output", "normalization", "label_set")
 
 
 def fold_dir(cv_workdir: str, fold: int) -> str:
@@ -90,7 +90,8 @@ class EnsemblePredictor(VolumePredictor):
         for attr in AGREE:
             values = [getattr(m, attr, None) for m in members]
             if len(set(values)) > 1:
-                raise CMFLError(KEY, f"the models disagree on {attr} ({', '.join(map(str, values))}): the models "
+                names = [getattr(v, "name", v) for v in values]
+                raise CMFLError(KEY, f"the models disagree on {attr} ({', '.join(map(str, names))}): the models "
                                      "of an ensemble must be trained alike")
         self.members = list(members)
         for attr in AGREE:  # the output kind decides how labels() converts the mean

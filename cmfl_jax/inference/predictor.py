@@ -24,6 +24,7 @@ from cmfl_jax import checkpoints
 from cmfl_jax.errors import CMFLError
 from cmfl_jax.inference.sliding_window import cmff_predict_fn, sliding_window
 from cmfl_jax.inference.stablehlo import BUNDLE_FILE, BUNDLE_FORMAT, VolumePredictor, read_bundle_info
+from cmfl_jax.label_sets import LABEL_SETS, LEGACY, LabelSet, run_label_set
 from cmfl_jax.models import builder
 
 __all__ = ["BUNDLE_FILE", "BUNDLE_FORMAT", "CHECKPOINT_DIRS", "Predictor", "is_bundle", "load_bundle",
@@ -45,6 +46,7 @@ class Predictor(VolumePredictor):
     normalization: str
     source: str
     output: str = "classes"
+    label_set: LabelSet = LABEL_SETS[LEGACY]
 
     @property
     def multiple(self) -> int:
@@ -77,9 +79,10 @@ def _read_run_config(model_dir: str) -> ml_collections.ConfigDict:
 
 
 def _predictor(config: ml_collections.ConfigDict, params: dict, window, source: str) -> Predictor:
-    model = builder.cmff_net(config.model)
+    labels = run_label_set(config)
+    model = builder.cmff_net(config.model, labels.num_classes)
     return Predictor(model, params, config.data.pairing, tuple(int(w) for w in window), config.data.normalization,
-                     source, model.output)
+                     source, model.output, labels)
 
 
 def load_workdir(model_dir: str, checkpoint: str = "best") -> Predictor:
@@ -88,7 +91,7 @@ def load_workdir(model_dir: str, checkpoint: str = "best") -> Predictor:
         raise CMFLError("config.checkpoint", f"unknown value {checkpoint!r}; "
                                              f"choose one of {', '.join(CHECKPOINT_DIRS)}")
     run_config = _read_run_config(model_dir)
-    abstract = builder.abstract_params(builder.cmff_net(run_config.model))
+    abstract = builder.abstract_params(builder.cmff_net(run_config.model, run_label_set(run_config).num_classes))
     subdir = CHECKPOINT_DIRS[checkpoint]
     step = checkpoints.latest_step(model_dir, subdir)
     if step is None:
@@ -111,7 +114,7 @@ def load_bundle(path: str) -> Predictor:
     """The :class:`Predictor` of an exported bundle (``configs/export.py``): the Flax model and its params."""
     info = read_bundle_info(path)
     config = ml_collections.ConfigDict(info["config"])
-    abstract = builder.abstract_params(builder.cmff_net(config.model))
+    abstract = builder.abstract_params(builder.cmff_net(config.model, run_label_set(config).num_classes))
     try:
         params = ocp.StandardCheckpointer().restore(os.path.abspath(os.path.join(path, "params")), abstract)
     except (ValueError, KeyError, FileNotFoundError) as e:

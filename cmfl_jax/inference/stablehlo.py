@@ -22,6 +22,7 @@ from cmfl_jax.data.preprocess import preprocess_images
 from cmfl_jax.errors import CMFLError
 from cmfl_jax.inference.sliding_window import mirrored, restrict_to_brain, sliding_window
 from cmfl_jax.label_classes import check_output, probs_to_labels
+from cmfl_jax.label_sets import LABEL_SETS, LEGACY, LabelSet, run_label_set
 
 BUNDLE_FILE = "bundle.json"
 BUNDLE_FORMAT = 2  # 2: the window function is exported for several platforms, with a symbolic batch
@@ -36,7 +37,8 @@ class VolumePredictor:
     """What every predictor shares: the model input of a subject, and labels from :meth:`probabilities`."""
 
     normalization: str
-    output: str = "classes"  # config.model.output of the training run: 4 classes or 3 regions
+    output: str = "classes"  # config.model.output of the training run: classes or 3 regions
+    label_set: LabelSet = LABEL_SETS[LEGACY]  # the run's label set: its classes, and what predict writes
 
     def probabilities(self, image: np.ndarray, overlap: float = 0.5, batch_size: int = 1, mirror: bool = False,
                       window: tuple[int, ...] | None = None) -> np.ndarray:
@@ -49,10 +51,10 @@ class VolumePredictor:
 
     def labels(self, image: np.ndarray, overlap: float = 0.5, batch_size: int = 1, mirror: bool = False,
                window: tuple[int, ...] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(internal 0/1/2/4 label map, class or region probabilities) of a pre-processed volume; ``window``
+        """(internal label map, class or region probabilities) of a pre-processed volume; ``window``
         replaces the training patch as the sliding window (``sliding_window.choose_window``)."""
         probs = self.probabilities(image, overlap, batch_size, mirror, window)
-        return restrict_to_brain(probs_to_labels(probs, self.output), image), probs
+        return restrict_to_brain(probs_to_labels(probs, self.output, self.label_set.classes), image), probs
 
 
 def read_bundle_info(path: str) -> dict:
@@ -94,11 +96,12 @@ class StableHLOPredictor(VolumePredictor):
       normalization: the training run's ``config.data.normalization``.
       source: the bundle folder.
       output: the training run's ``config.model.output`` ("classes" or "regions").
+      label_set: the training run's label set (:func:`cmfl_jax.label_sets.run_label_set`).
     """
 
     def __init__(self, exported: jax.export.Exported, window, normalization: str, source: str,
-                 output: str = "classes"):
-        self.exported, self.window = exported, tuple(int(w) for w in window)
+                 output: str = "classes", label_set: LabelSet = LABEL_SETS[LEGACY]):
+        self.exported, self.window, self.label_set = exported, tuple(int(w) for w in window), label_set
         self.normalization, self.source, self.output = normalization, source, check_output(output)
         self._symbolic_batch = not isinstance(exported.in_avals[0].shape[0], int)
         # compiled once per batch shape; mirroring calls it once per flip
@@ -125,7 +128,8 @@ def load_stablehlo_predictor(path: str) -> StableHLOPredictor:
         raise CMFLError(file, f"exported for {', '.join(exported.platforms)}, not for this machine's "
                               f"{jax.default_backend()}; export again with --config.platforms (configs/export.py)")
     normalization = info["config"]["data"]["normalization"]
-    return StableHLOPredictor(exported, window, normalization, os.path.abspath(path), bundle_output(info))
+    return StableHLOPredictor(exported, window, normalization, os.path.abspath(path), bundle_output(info),
+                              run_label_set(info["config"]))
 
 
 def bundle_output(info: dict) -> str:

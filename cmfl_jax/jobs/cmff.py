@@ -3,7 +3,9 @@
 S_A and S_B start from the CMFT generators (:mod:`cmfl_jax.training.cmft_init`), the network trains with
 the step of :mod:`cmfl_jax.training.cmff_step`, and the held-out fold of ``config.data.split`` is validated as
 configured (:mod:`cmfl_jax.training.validation`: a fixed subset periodically, the whole fold at the last step),
-keeping the best model in ``best/`` and the last in ``final/`` with the whole fold's metrics.
+keeping the best model in ``best/`` and the last in ``final/`` with the whole fold's metrics. The head's classes
+follow the subjects' label set (:mod:`cmfl_jax.label_sets`), recorded as ``config.model.label_set`` in
+``config.json`` so that prediction and export rebuild the same head.
 """
 
 from __future__ import annotations
@@ -16,11 +18,12 @@ import jax
 import ml_collections
 from absl import logging
 
-from cmfl_jax import checkpoints, sharding
+from cmfl_jax import checkpoints, runtime, sharding
 from cmfl_jax.data.dataset import cache_subjects, split_of
 from cmfl_jax.data.pairs import pair_channels
 from cmfl_jax.data.splits import split_settings
-from cmfl_jax.label_classes import check_output
+from cmfl_jax.label_classes import check_output, check_output_classes
+from cmfl_jax.label_sets import label_set_of_subjects
 from cmfl_jax.training.cmff_step import create_state, make_train_step
 from cmfl_jax.training.cmft_init import INIT_SOURCES, check_init_mode, cmft_checkpoint
 from cmfl_jax.training.loop import Phase, device_batch, fit, training_patches
@@ -35,6 +38,19 @@ def _data(config: ml_collections.ConfigDict) -> tuple[list, list]:
                  config.data.split.file or f"fold {s['fold']} of {s['folds']}, seed {s['seed']}")
     entries = cache_subjects(config.data, train + val)
     return entries[: len(train)], entries[len(train):]
+
+
+def record_label_set(config: ml_collections.ConfigDict, entries: list, workdir: str) -> None:
+    """``config.model.label_set``: the one label set of the entries (their classes must agree), written into the
+    workdir's ``config.json`` when there is one (the CLI's), so the model is rebuilt with the same head."""
+    chosen = label_set_of_subjects([e.meta.get("label_set", "brats2021") for e in entries],
+                                   config.model.get("label_set", ""))
+    check_output_classes(config.model.get("output", "classes"), chosen.classes, chosen.name)
+    if config.model.get("label_set", "") != chosen.name:
+        config.model.label_set = chosen.name
+        if os.path.isfile(os.path.join(workdir, "config.json")) and sharding.is_primary():
+            runtime.write_config(config, workdir)
+    logging.info("cmff: label set %s: %d classes", chosen.name, chosen.num_classes)
 
 
 def save_final(workdir: str, states: dict, step: int, val: dict | None, postprocess: dict | None = None) -> None:
@@ -62,6 +78,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if INIT_SOURCES[config.init.mode] and not resuming:
         cmft_checkpoint(config)  # before the data: a missing CMFT run is reported at once
     train_entries, val_entries = _data(config)
+    record_label_set(config, train_entries + val_entries, workdir)
     dataset = training_patches(config, train_entries)
     states = {"seg": create_state(jax.random.key(config.seed), config, resuming=resuming)}
     validator = Validator(config, val_entries, workdir)

@@ -6,8 +6,11 @@ the run's ``config.json`` with the params of ``best/``, ``final/``, ``checkpoint
 ``config.use_stablehlo`` it is the bundle's exported StableHLO function (:mod:`cmfl_jax.inference.stablehlo`),
 and this path imports no model code. Each subject is read and checked as in training, z-scored, predicted whole
 by sliding windows (:func:`cmfl_jax.inference.sliding_window`), set to background outside the brain, and written
-as ``<subject_id>.nii.gz`` with the input's affine and header in the dataset's own label convention (ET = 4, or 3
-for BraTS 2023+), atomically. Several models (``config.model_dir`` a comma-separated list, or a CV workdir for its
+as ``<subject_id>.nii.gz`` with the input's affine and header in the dataset's own label convention (its label
+set's values, :mod:`cmfl_jax.label_sets`: ET = 4 for 2017-2021, 3 for 2023+, RC = 4 for 2024 GLI post-treatment,
+the 2024 PED values), atomically. With ``config.data.label_set=auto`` the model's label set replaces a subject's
+when it extends it (a brats2024_gli model on ``BraTS-GLI-*`` names); a subject whose set has other classes than
+the model's is a one-line error. Several models (``config.model_dir`` a comma-separated list, or a CV workdir for its
 folds' CMFF runs) predict as one ensemble: the mean of their probabilities (:mod:`cmfl_jax.inference.ensemble`),
 post-processed with the CV run's pooled tuned threshold. A re-run skips the subjects whose outputs are all there,
 newer than the model and the images, and made with the same model and settings (``<out_dir>_record.json``, beside
@@ -17,6 +20,7 @@ the outputs' folder so that it holds NIfTI files only, as a BraTS submission doe
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -34,6 +38,7 @@ from cmfl_jax.errors import CMFLError
 from cmfl_jax.inference.ensemble import EnsemblePredictor, model_dirs
 from cmfl_jax.inference.sliding_window import choose_window
 from cmfl_jax.inference.stablehlo import BUNDLE_FILE, load_stablehlo_predictor, read_bundle_info
+from cmfl_jax.label_sets import AUTO, KEY, LABEL_SETS, LEGACY, LabelSet, check_choice, extends, of_et_label
 from cmfl_jax.postprocess import postprocess, resolve_et_threshold
 from cmfl_jax.previews import save_orthogonal_png
 from cmfl_jax.progress import progress
@@ -46,8 +51,9 @@ def _label_header(header: nib.Nifti1Header) -> nib.Nifti1Header:
     return header
 
 
-def case_subject(case: str, case_id: str = "", et_label: int = 4) -> Subject:
-    """The one :class:`Subject` of ``config.case``: ``"t1,t1ce,t2,flair"`` file paths (layout ``case``, no label).
+def case_subject(case: str, case_id: str = "", et_label: int = 4, label_set: str = AUTO) -> Subject:
+    """The one :class:`Subject` of ``config.case``: ``"t1,t1ce,t2,flair"`` file paths (layout ``case``, no label),
+    of ``label_set`` (``auto``: the set of its ``et_label``, 4 or 3).
 
     ``case_id`` defaults to the T1 file's name without ``.nii[.gz]`` and a trailing ``_t1``/``-t1n``-like suffix.
     """
@@ -61,13 +67,30 @@ def case_subject(case: str, case_id: str = "", et_label: int = 4) -> Subject:
     if not case_id:
         name = re.sub(r"\.nii(\.gz)?$", "", os.path.basename(files[0]))
         case_id = re.sub(r"[_\-.](t1|t1n|t1w)$", "", name, flags=re.IGNORECASE) or name
-    return Subject(case_id, "case", tuple(files), None, int(et_label))
+    name = of_et_label(et_label).name if check_choice(label_set) == AUTO else label_set
+    return Subject(case_id, "case", tuple(files), None, name)
 
 
 def _subjects(config: ml_collections.ConfigDict) -> list[Subject]:
+    label_set = config.data.get("label_set", AUTO)
     if config.case:
-        return [case_subject(config.case, config.case_id, config.et_label)]
-    return discover(resolve_root(config.data), require_labels=False)
+        return [case_subject(config.case, config.case_id, config.et_label, label_set)]
+    return discover(resolve_root(config.data), require_labels=False, label_set=label_set)
+
+
+def fit_label_sets(subjects: list[Subject], model: LabelSet, label_set: str = AUTO) -> list[Subject]:
+    """The subjects, each in a label set of the model's classes: under ``auto`` the model's set replaces one it
+    extends (and a case's, unless the model has the classic classes, where ``config.et_label`` decides)."""
+    if label_set == AUTO:
+        legacy = model.classes == LABEL_SETS[LEGACY].classes
+        subjects = [dataclasses.replace(s, label_set=model.name)
+                    if extends(model.name, s.label_set) or (s.layout == "case" and not legacy) else s
+                    for s in subjects]
+    for s in subjects:
+        if s.labels.classes != model.classes:
+            raise CMFLError(KEY, f"subject {s.subject_id} is {s.label_set}, but the model predicts the classes of "
+                                 f"{model.name}; set {KEY} to the data's release")
+    return subjects
 
 
 def _load_one(config: ml_collections.ConfigDict, model_dir: str):
@@ -141,6 +164,11 @@ def _settings(config: ml_collections.ConfigDict, dirs: list[str], et_min: float,
             "save_probabilities": bool(config.save_probabilities)}
 
 
+def _of(settings: dict, subject: Subject) -> dict:
+    """A subject's settings: the run's, and the label set its values are written in (unless the classic one)."""
+    return settings if subject.label_set in ("brats2021", "brats2023") else {**settings, "label_set": subject.label_set}
+
+
 def _read_record(out_dir: str) -> dict:
     try:
         with open(_record_path(out_dir)) as f:
@@ -167,6 +195,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     dirs, cv = model_dirs(config.model_dir)
     subjects = _subjects(config)  # before the model: cheap
     predictor = _load_predictor(config, dirs)
+    subjects = fit_label_sets(subjects, predictor.label_set, config.data.get("label_set", AUTO))
     out_dir = config.out_dir or os.path.join(workdir, "predictions")
     os.makedirs(out_dir, exist_ok=True)
     tuned = _tuned_et_threshold(config, dirs, cv)
@@ -181,7 +210,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     model_time = max(_mtime(source) for source in getattr(predictor, "sources", [predictor.source]))
     settings, record = _settings(config, dirs, et_min, wt_min), _read_record(out_dir)
     todo = [s for s in subjects if config.overwrite or not _up_to_date(
-        _outputs(out_dir, s, config.save_probabilities), s, model_time, record.get(s.subject_id), settings)]
+        _outputs(out_dir, s, config.save_probabilities), s, model_time, record.get(s.subject_id), _of(settings, s))]
     if len(todo) < len(subjects):
         logging.info("predict: skipped %d of %d subject(s) already predicted in %s by this model with these settings "
                      "(config.overwrite=true redoes them)", len(subjects) - len(todo), len(subjects), out_dir)
@@ -196,8 +225,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
         out = _outputs(out_dir, subject, config.save_probabilities)
         if config.save_probabilities:
             write_nifti(out[1], probs.astype(np.float32), loaded.affine, header)
-        write_nifti(out[0], to_dataset(pred, subject.et_label), loaded.affine, header)
-        record[subject.subject_id] = settings
+        write_nifti(out[0], to_dataset(pred, subject.labels), loaded.affine, header)
+        record[subject.subject_id] = _of(settings, subject)
         _write_record(out_dir, record)
         if config.overlays:
             save_orthogonal_png(os.path.join(workdir, "overlays", f"{subject.subject_id}.png"), image, pred,

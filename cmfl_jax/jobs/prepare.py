@@ -12,8 +12,7 @@ from absl import logging
 from cmfl_jax.data.cached_subject import CachedSubject
 from cmfl_jax.data.dataset import load_entries, resolve_root
 from cmfl_jax.data.io import atomic_path
-
-_LABEL_NAMES = {"1": "NCR/NET", "2": "ED", "4": "ET"}
+from cmfl_jax.label_sets import TISSUES
 
 
 def _fmt_counter(counter: Counter) -> str:
@@ -21,13 +20,15 @@ def _fmt_counter(counter: Counter) -> str:
 
 
 def dataset_overview(entries: list[CachedSubject]) -> list[dict]:
-    """One row per (layout, grade): subjects, shapes, spacings, mean voxels per label, subjects with ET."""
-    groups: dict[tuple[str, str], list[CachedSubject]] = defaultdict(list)
+    """One row per (layout, label set, grade): subjects, shapes, spacings, mean voxels per internal tissue (those
+    of any entry: 0/1/2/4, plus CC and RC for the 2024 sets), subjects with ET."""
+    groups: dict[tuple[str, str, str], list[CachedSubject]] = defaultdict(list)
     for e in entries:
-        groups[(e.meta["layout"], e.meta["grade"] or "-")].append(e)
-    groups[("all", "")] = list(entries)
+        groups[(e.meta["layout"], e.meta["grade"] or "-", e.meta.get("label_set", "brats2021"))].append(e)
+    tissues = sorted({int(v) for e in entries if e.has_label for v in e.meta["label_counts"]} - {0})
+    groups[("all", "", "")] = list(entries)
     rows = []
-    for (layout, grade), members in groups.items():
+    for (layout, grade, label_set), members in groups.items():
         labelled = [e for e in members if e.has_label]
         row = {
             "layout": layout,
@@ -36,10 +37,11 @@ def dataset_overview(entries: list[CachedSubject]) -> list[dict]:
             "shapes": _fmt_counter(Counter("x".join(map(str, e.meta["full_shape"])) for e in members)),
             "spacings": _fmt_counter(Counter("x".join(f"{s:g}" for s in e.meta["spacing"]) for e in members)),
         }
-        for value, name in _LABEL_NAMES.items():
-            counts = [e.meta["label_counts"][value] for e in labelled]
-            row[f"mean voxels {name}"] = round(sum(counts) / len(counts)) if counts else None
-        row["with ET"] = sum(e.meta["label_counts"]["4"] > 0 for e in labelled)
+        for value in tissues:
+            counts = [e.meta["label_counts"].get(str(value), 0) for e in labelled]
+            row[f"mean voxels {TISSUES[value]}"] = round(sum(counts) / len(counts)) if counts else None
+        row["with ET"] = sum(e.meta["label_counts"].get("4", 0) > 0 for e in labelled)
+        row["label set"] = label_set
         rows.append(row)
     return rows
 

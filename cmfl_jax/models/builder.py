@@ -33,11 +33,13 @@ def discriminator(model: ml_collections.ConfigDict) -> PatchDiscriminator:
     return PatchDiscriminator(dtype=DTYPES[model.dtype], conv_impl=model.conv_impl)
 
 
-def cmff_net(model: ml_collections.ConfigDict) -> CMFFNet:
+def cmff_net(model: ml_collections.ConfigDict, num_classes: int = 4) -> CMFFNet:
     """The CMFF segmentation network of the configured variant (``branches``, ``attention``, ``output``; a run
-    from before ``output`` existed has the paper's 4 classes)."""
+    from before ``output`` existed has the paper's 4 classes) with ``num_classes`` classes (its label set's:
+    :func:`cmfl_jax.label_sets.run_label_set`)."""
     return CMFFNet(branches=model.branches, attention=model.attention, output=model.get("output", "classes"),
-                   base=model.base, depth=model.depth, conv_impl=model.conv_impl, dtype=DTYPES[model.dtype])
+                   num_classes=num_classes, base=model.base, depth=model.depth, conv_impl=model.conv_impl,
+                   dtype=DTYPES[model.dtype])
 
 
 def example_inputs(module: nn.Module) -> tuple[jax.ShapeDtypeStruct, ...]:

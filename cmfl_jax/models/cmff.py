@@ -29,13 +29,15 @@ class CMFFNet(nn.Module):
     Attributes:
       branches: "fusion" | "A" | "B" | "A+B" (Table 2).
       attention: "mask" | "cbam" | "none" (fusion only).
-      output: "classes" (4, softmax; the paper) | "regions" (WT, TC, ET, sigmoids).
+      output: "classes" (softmax; the paper) | "regions" (WT, TC, ET, sigmoids).
+      num_classes: the classes of ``output="classes"`` (4: the paper's; the label set's, e.g. 5 with RC).
       base, depth, conv_impl, dtype, param_dtype: as :class:`UNet3D`.
     """
 
     branches: str = "fusion"
     attention: str = "mask"
     output: str = "classes"
+    num_classes: int = 4
     base: int = 16
     depth: int = 4
     conv_impl: str = "auto"
@@ -48,7 +50,7 @@ class CMFFNet(nn.Module):
             from cmfl_jax.errors import CMFLError
 
             raise CMFLError("config.model.branches", f"unknown value {self.branches!r}; choose one of {BRANCHES}")
-        channels, act = output_channels(self.output), lambda logits: activation(logits, self.output)
+        channels, act = output_channels(self.output, self.num_classes), lambda logits: activation(logits, self.output)
         kw = dict(base=self.base, depth=self.depth, conv_impl=self.conv_impl, dtype=self.dtype,
                   param_dtype=self.param_dtype)
         out = {"logits_a": None, "logits_b": None, "logits_f": None}

@@ -1,7 +1,8 @@
 """CMFF's train state and its jitted step (section 3.2): Eq. 7 over the branches that run.
 
 One network (:class:`~cmfl_jax.models.CMFFNet`), one optax state (``seg``). The Dice runs over the
-network's 4 mutually exclusive classes (background, NCR/NET, oedema, ET), the classes its softmax
+network's mutually exclusive classes (background, NCR/NET, oedema, ET; those of the run's label set,
+:func:`cmfl_jax.label_sets.run_label_set`, e.g. a fifth, the resection cavity), the classes its softmax
 predicts, or with ``config.model.output="regions"`` over the WT, TC, ET regions its sigmoids predict.
 ``config.cmff.ce_weight`` > 0 adds a cross-entropy term per branch (binary per region for regions;
 nnU-Net's Dice + CE; not in the paper): a soft Dice gradient vanishes for a class predicted on far too
@@ -18,7 +19,8 @@ from flax.training import train_state
 
 from cmfl_jax import losses, sharding
 from cmfl_jax.data.pairs import split_pairs
-from cmfl_jax.label_classes import check_output, label_targets
+from cmfl_jax.label_classes import CLASS_LABELS, check_output, label_targets
+from cmfl_jax.label_sets import run_label_set
 from cmfl_jax.models import builder
 from cmfl_jax.training.cmft_init import initial_params
 from cmfl_jax.training.state import create_train_state, make_optimizer, skip_nonfinite
@@ -27,7 +29,7 @@ from cmfl_jax.training.state import create_train_state, make_optimizer, skip_non
 def create_state(rng: jax.Array, config: ml_collections.ConfigDict, resuming: bool = False
                  ) -> train_state.TrainState:
     """The segmentation state with a fresh Adam; ``resuming`` skips the CMFT restore (the checkpoint wins)."""
-    model = builder.cmff_net(config.model)
+    model = builder.cmff_net(config.model, run_label_set(config).num_classes)
     c = config.cmff
     tx = make_optimizer(c.lr, c.b1, c.b2, config.train.steps, c.decay_start)
     params = builder.random_params(model, rng) if resuming else initial_params(rng, model, config)
@@ -35,12 +37,12 @@ def create_state(rng: jax.Array, config: ml_collections.ConfigDict, resuming: bo
 
 
 def train_step(states: dict, batch: dict, rng: jax.Array, *, pairing: str, ce_weight: float = 0.0,
-               output: str = "classes") -> tuple[dict, dict]:
+               output: str = "classes", classes: tuple[int, ...] = CLASS_LABELS) -> tuple[dict, dict]:
     """One CMFF step on a batch of (image, label) patches."""
     del rng  # deterministic; the argument keeps the signature of every phase
     state = states["seg"]
     a, b = split_pairs(batch["image"], pairing)
-    target = label_targets(batch["label"], output)
+    target = label_targets(batch["label"], output, classes)
 
     def loss_fn(params):
         return losses.cmff_segmentation_loss(state.apply_fn({"params": params}, a, b), target, ce_weight, output)
@@ -52,5 +54,6 @@ def train_step(states: dict, batch: dict, rng: jax.Array, *, pairing: str, ce_we
 def make_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None):
     """The jitted step (states donated), data parallel over ``mesh`` (default: all devices)."""
     step = functools.partial(train_step, pairing=config.data.pairing, ce_weight=config.cmff.ce_weight,
-                             output=check_output(config.model.get("output", "classes")))
+                             output=check_output(config.model.get("output", "classes")),
+                             classes=run_label_set(config).classes)
     return sharding.jit_train_step(step, mesh)

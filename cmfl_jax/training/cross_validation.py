@@ -36,9 +36,10 @@ def out_of_fold(model_dir: str, subjects: Sequence[Subject], settings: Mapping, 
         loaded = load_subject(subject, with_label=True)
         image = predictor.model_input(loaded)
         pred, _ = predictor.labels(image, settings["overlap"], settings["batch_size"], settings["mirror"])
-        metrics = score_subject(pred, loaded.label, loaded.spacing)
+        regions = predictor.label_set.internal_regions
+        metrics = score_subject(pred, loaded.label, loaded.spacing, regions=regions)
         out.append({"subject_id": subject.subject_id,
-                    **{r: {k: float(v) for k, v in metrics[r].items()} for r in REGIONS},
+                    **{r: {k: float(v) for k, v in metrics[r].items()} for r in regions},
                     "et_stats": list(metrics["et_stats"])})
         logging.info("cv: %s scored in %.1f s (Dice ET %.3f, WT %.3f, TC %.3f)", subject.subject_id,
                      time.perf_counter() - start, *(metrics[r]["dice"] for r in ("ET", "WT", "TC")))
@@ -65,7 +66,8 @@ def summarize(per_fold: Sequence[Mapping[str, float]]) -> dict:
 
 def summary_markdown(summary: Mapping, workdir: str, command: str) -> str:
     """``cv_summary.md``: per-fold and mean ± std Dice and HD95 per region, the pooled threshold, the ensemble."""
-    columns = [f"{m}_{r}" for m in SUMMARY_METRICS for r in REGIONS]
+    regions = [k[len("dice_"):] for k in summary["mean"] if k.startswith("dice_") and k != "dice_mean"] or REGIONS
+    columns = [f"{m}_{r}" for m in SUMMARY_METRICS for r in regions]  # the label set's regions (RC for GLI 2024)
     header = " | ".join(c.replace("dice", "Dice").replace("hd95", "HD95").replace("_", " ") for c in columns)
     lines = [
         f"# Cross-validation: {len(summary['per_fold'])} folds",

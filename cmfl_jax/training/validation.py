@@ -2,10 +2,10 @@
 
 Bounded: the periodic validations see a fixed subset of the held-out fold, its first ``val.max_subjects`` ids
 in sorted order (0: all), and with ``val.full_at_end`` the last step sees the whole fold. The score that picks
-the best checkpoint (``best/``) is, by ``val.metric``, the mean Dice over ET, WT and TC (``legacy``:
-``dice_mean``) or the mean over ET, WT and TC of the 2023-2024 leaderboards' lesion-wise Dice (``lesionwise``:
-``ranked_dice_mean``, :mod:`cmfl_jax.lesion_metrics`; ``ranked_dice_<R>`` and ``ranked_hd95_<R>`` are logged
-too) **of the subset**, at every validation
+the best checkpoint (``best/``) is, by ``val.metric``, the mean Dice over the label set's regions (``legacy``:
+``dice_mean``; ET, WT, TC, and RC for BraTS 2024 GLI post-treatment) or the mean over ET, WT and TC of the
+2023-2024 leaderboards' lesion-wise Dice (``lesionwise``: ``ranked_dice_mean``, :mod:`cmfl_jax.lesion_metrics`;
+``ranked_dice_<R>`` and ``ranked_hd95_<R>`` are logged too) **of the subset**, at every validation
 including the last (whose subset score is the mean over the same first subjects of the whole-fold run), so
 the best model is chosen among like scores. Logged under ``val/``: the subset's metrics, ``subjects`` and
 ``seconds`` (the validation's wall time); at a whole-fold validation also ``full/<metric>`` and
@@ -31,6 +31,7 @@ from cmfl_jax import checkpoints
 from cmfl_jax.data.cached_subject import uncrop
 from cmfl_jax.inference.sliding_window import cmff_predict_fn, restrict_to_brain, sliding_window
 from cmfl_jax.label_classes import probs_to_labels
+from cmfl_jax.label_sets import run_label_set
 from cmfl_jax.lesion_metrics import leaderboard_lesionwise_metrics
 from cmfl_jax.metrics import REGIONS, brats_metrics
 from cmfl_jax.models import builder
@@ -42,13 +43,14 @@ SELECTION = {"legacy": "dice_mean", "lesionwise": "ranked_dice_mean"}  # val.met
 
 
 def validation_summary(per_subject: list[dict]) -> dict[str, float]:
-    """Mean over subjects of each region's metrics, plus ``dice_mean`` over ET, WT, TC; with the lesion-wise
-    figures (``"ranked"``) also ``ranked_dice_<R>``, ``ranked_hd95_<R>`` and ``ranked_dice_mean``."""
+    """Mean over subjects of each region's metrics, plus ``dice_mean`` over the regions; with the lesion-wise
+    figures (``"ranked"``) also ``ranked_dice_<R>``, ``ranked_hd95_<R>`` and ``ranked_dice_mean`` over ET, WT, TC."""
     out = {}
-    for region in REGIONS:
+    regions = [r for r, v in per_subject[0].items() if isinstance(v, dict)] if per_subject else list(REGIONS)
+    for region in regions:
         for metric in ("dice", "hd95", "sensitivity", "specificity"):
             out[f"{metric}_{region}"] = float(np.mean([m[region][metric] for m in per_subject]))
-    out["dice_mean"] = float(np.mean([out[f"dice_{r}"] for r in REGIONS]))
+    out["dice_mean"] = float(np.mean([out[f"dice_{r}"] for r in regions]))
     if all("ranked" in m for m in per_subject):
         for region in REGIONS:
             for metric in ("dice", "hd95"):
@@ -58,14 +60,14 @@ def validation_summary(per_subject: list[dict]) -> dict[str, float]:
     return out
 
 
-def score_subject(pred: np.ndarray, label: np.ndarray, spacing, metric: str = "legacy") -> dict:
-    """One subject's BraTS metrics per region and the ET statistics the post-processing is tuned on
-    (``"et_stats"``): what validation and the cross-validation's out-of-fold scoring record alike. With
-    ``metric="lesionwise"`` also the leaderboards' lesion-wise figures (``"ranked"``), and the ET statistics
-    of that family."""
+def score_subject(pred: np.ndarray, label: np.ndarray, spacing, metric: str = "legacy", regions=None) -> dict:
+    """One subject's BraTS metrics per region (``regions``: a label set's internal regions; default ET, WT, TC)
+    and the ET statistics the post-processing is tuned on (``"et_stats"``): what validation and the
+    cross-validation's out-of-fold scoring record alike. With ``metric="lesionwise"`` also the leaderboards'
+    lesion-wise figures (``"ranked"``), and the ET statistics of that family."""
     if metric not in SELECTION:
         raise ValueError(f"val.metric must be one of {', '.join(SELECTION)}, got {metric!r}")
-    out = {**brats_metrics(pred, label, spacing), "et_stats": et_statistics(pred, label, spacing, metric)}
+    out = {**brats_metrics(pred, label, spacing, regions), "et_stats": et_statistics(pred, label, spacing, metric)}
     if metric == "lesionwise":
         out["ranked"] = leaderboard_lesionwise_metrics(pred, label, spacing)
     return out
@@ -85,8 +87,9 @@ class Validator:
         v = config.val
         self.entries = sorted(entries, key=lambda e: e.subject_id)  # the whole held-out fold
         self.subset = self.entries[: v.max_subjects] if v.max_subjects > 0 else self.entries
-        self.output = config.model.get("output", "classes")
-        self.predict = cmff_predict_fn(builder.cmff_net(config.model), config.data.pairing, mirror=v.mirror)
+        self.output, self.labels = config.model.get("output", "classes"), run_label_set(config)
+        model = builder.cmff_net(config.model, self.labels.num_classes)
+        self.predict = cmff_predict_fn(model, config.data.pairing, mirror=v.mirror)
         self.metric = v.get("metric", "legacy")
         if self.metric not in SELECTION:
             raise ValueError(f"config.val.metric must be one of {', '.join(SELECTION)}, got {self.metric!r}")
@@ -112,9 +115,10 @@ class Validator:
         for entry in progress(entries, desc=f"cmff validation (step {step}): subject"):
             image = uncrop(entry.image(), entry)  # the full grid: the tiling and the metrics of the raw volume
             probs = sliding_window(predict, image, window, v.overlap, v.batch_size)
-            pred = restrict_to_brain(probs_to_labels(probs, self.output), image)
+            pred = restrict_to_brain(probs_to_labels(probs, self.output, self.labels.classes), image)
             label = uncrop(entry.label(), entry)
-            per_subject.append(score_subject(pred, label, entry.meta["spacing"], self.metric))
+            per_subject.append(score_subject(pred, label, entry.meta["spacing"], self.metric,
+                                             self.labels.internal_regions))
             if first is None:
                 first = (entry.subject_id, image, label, pred, per_subject[0]["WT"]["dice"])
         return per_subject, first
