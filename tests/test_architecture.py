@@ -126,7 +126,11 @@ def test_models_import_neither_data_nor_jobs_nor_file_io(module):
 
 
 def test_metrics_are_numpy_and_scipy_only():
-    assert GRAPH["cmfl_jax.metrics"] == set()
+    """metrics.py reads its regions from the label-set table, itself numpy only (and the error type)."""
+    assert GRAPH["cmfl_jax.label_sets"] <= {"cmfl_jax.errors"}
+    standard = {"__future__", "collections", "dataclasses", "functools", "typing"}
+    assert OUTSIDE["cmfl_jax.label_sets"] - standard <= {"numpy"}
+    assert GRAPH["cmfl_jax.metrics"] <= {"cmfl_jax.label_sets"}
     assert OUTSIDE["cmfl_jax.metrics"] - {"__future__", "collections", "typing"} == {"numpy", "scipy"}
     assert GRAPH["cmfl_jax.lesion_metrics"] == {"cmfl_jax.metrics"}
     assert OUTSIDE["cmfl_jax.lesion_metrics"] - {"__future__", "collections", "sys"} == {"numpy", "scipy"}
@@ -137,13 +141,13 @@ def test_no_module_over_250_lines():
     assert long == {}
 
 
-def test_data_imports_only_data_errors_and_progress_and_the_synthetic_set_where_it_makes_it():
+def test_data_imports_only_data_errors_progress_label_sets_and_the_synthetic_set_where_it_makes_it():
     """The data layer reaches the synthetic package in two places only: dataset.py, which generates the built-in
     data set when no root is given, and phantom.py, the documented name of the simulator (a re-export)."""
     synthetic = {m for m in GRAPH if m.startswith("cmfl_jax.synthetic")}
     for module in (m for m in GRAPH if m.startswith("cmfl_jax.data")):
         outside_data = {d for d in GRAPH[module] if not d.startswith("cmfl_jax.data")}
-        allowed = {"cmfl_jax.errors", "cmfl_jax.progress"}
+        allowed = {"cmfl_jax.errors", "cmfl_jax.progress", "cmfl_jax.label_sets"}
         if module in ("cmfl_jax.data.dataset", "cmfl_jax.data.phantom"):
             allowed |= synthetic
         assert outside_data <= allowed, (module, outside_data)

@@ -141,7 +141,7 @@ def inline_overrides(text: str) -> list[tuple[str, str, list[str]]]:
     """``(key, value, configs in context)`` for each inline `` `--config.key=value` `` of a document: the configs
     its paragraph names, and those of the last command block of its section (or of the last paragraph above that
     named one)."""
-    config_name = r"configs/([a-z_]+\.py(?::[a-z0-9_,]+)?)"
+    config_name = r"configs/([a-z_]+\.py(?::[a-z0-9_,.=]+)?)"
     found, section = [], []
     blocks = re.findall(r"```.*?```", text, flags=re.S)
     for i, segment in enumerate(re.split(r"```.*?```", text, flags=re.S)):

@@ -17,8 +17,8 @@ import pytest
 from flax.training import train_state
 
 from cmfl_jax import checkpoints
+from cmfl_jax.config_variants import load_config
 from cmfl_jax.training import validation
-from configs import cmff as cmff_config
 
 LABEL = np.zeros((24, 24, 24), np.uint8)
 LABEL[4:12, 4:12, 4:12] = 4  # 512 voxels of enhancing tumour: ET = TC = WT
@@ -31,7 +31,7 @@ CORE_DICE = 2 * 216 / (512 + 216)
 
 
 def best_after_training(tmp_path, monkeypatch, metric: str) -> dict:
-    config = cmff_config.get_config("smoke")
+    config = load_config("cmff:smoke")
     config.train.steps, config.val.metric = 6, metric
     validator = validation.Validator(config, [types.SimpleNamespace(subject_id="s0")], str(tmp_path))
 
@@ -49,7 +49,7 @@ def best_after_training(tmp_path, monkeypatch, metric: str) -> dict:
 
 
 def test_the_default_legacy_family_keeps_the_step_with_the_best_mean_dice(tmp_path, monkeypatch):
-    assert cmff_config.get_config().val.metric == "legacy"
+    assert load_config("cmff").val.metric == "legacy"
     run = best_after_training(tmp_path, monkeypatch, "legacy")
     assert run["meta"]["step"] == 3
     assert run["meta"]["val"]["dice_mean"] == pytest.approx(2 * 512 / (512 + 520))
@@ -68,7 +68,7 @@ def test_lesionwise_keeps_the_step_without_the_false_lesion(tmp_path, monkeypatc
 
 
 def test_an_unknown_family_is_refused(tmp_path):
-    config = cmff_config.get_config("smoke")
+    config = load_config("cmff:smoke")
     config.val.metric = "hd95"
     with pytest.raises(ValueError, match="legacy, lesionwise"):
         validation.Validator(config, [], str(tmp_path))

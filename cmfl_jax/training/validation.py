@@ -46,7 +46,8 @@ def validation_summary(per_subject: list[dict]) -> dict[str, float]:
     """Mean over subjects of each region's metrics, plus ``dice_mean`` over the regions; with the lesion-wise
     figures (``"ranked"``) also ``ranked_dice_<R>``, ``ranked_hd95_<R>`` and ``ranked_dice_mean`` over ET, WT, TC."""
     out = {}
-    regions = [r for r, v in per_subject[0].items() if isinstance(v, dict)] if per_subject else list(REGIONS)
+    regions = [r for r, v in per_subject[0].items() if isinstance(v, dict) and "dice" in v] if per_subject \
+        else list(REGIONS)
     for region in regions:
         for metric in ("dice", "hd95", "sensitivity", "specificity"):
             out[f"{metric}_{region}"] = float(np.mean([m[region][metric] for m in per_subject]))
