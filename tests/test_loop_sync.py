@@ -150,3 +150,12 @@ def test_the_guard_stops_at_the_same_step_when_it_reads_later(tmp_path):
     lines = logged(tmp_path)
     assert sorted(lines) == [5, 9] and lines[5]["train/skipped"] == 1.0 and lines[9]["train/skipped"] == 3.0
     np.testing.assert_allclose(lines[9]["train/value"], values(20)[5], rtol=1e-6)
+
+
+def test_a_window_of_a_step_without_the_guard():
+    """A step that reports no ``skipped`` is a kept step: its metrics are averaged, nothing is counted."""
+    window = window_lib.empty({"loss": 0.0})
+    for step, loss in enumerate((1.0, 3.0), start=1):
+        window = window_lib.add(window, {"loss": jnp.asarray(loss)}, step, limit=2)
+    host = window_lib.read(window)
+    assert window_lib.summary(host) == {"loss": 2.0, "skipped": 0.0} and int(host["in_a_row"]) == 0

@@ -40,8 +40,8 @@ def empty(metrics: Mapping[str, jax.Array], in_a_row: jax.Array | int = 0) -> di
 @functools.partial(jax.jit, static_argnames="limit", donate_argnums=0)
 def add(window: dict, metrics: Mapping[str, jax.Array], step: jax.Array, *, limit: int) -> dict:
     """``window`` with one more step: its metrics summed if the guard kept the update, counted if it did not."""
-    skipped = metrics.get("skipped", 0.0) > 0
-    counted = metrics.get("nonfinite", metrics.get("skipped", 0.0)) > 0  # what counts towards the stop
+    skipped = jnp.asarray(metrics.get("skipped", 0.0)) > 0  # a step without the guard: never skipped
+    counted = jnp.asarray(metrics.get("nonfinite", metrics.get("skipped", 0.0))) > 0  # counts towards the stop
     in_a_row = jnp.where(counted, window["in_a_row"] + 1, 0)
     new = {
         "sums": {k: s + jnp.where(skipped, 0.0, metrics[k].astype(jnp.float32)) for k, s in window["sums"].items()},
