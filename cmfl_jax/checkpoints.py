@@ -1,7 +1,7 @@
 """Orbax checkpoints: one item per network (params + optimizer state) plus a JSON ``meta`` item.
 
-``meta`` holds the step, the root RNG key and the grain iterator state, so a resumed run
-continues with the same randomness and the same data order. Saves are asynchronous; call
+``meta`` holds the step and the grain iterator state, so a resumed run continues with the same
+data order (the steps draw no random numbers). Saves are asynchronous; call
 :func:`close` (it waits) before the process exits.
 """
 
@@ -151,14 +151,6 @@ def _check_layout(item_dir: str, abstract) -> None:
         if saved[key] != shape:
             raise CMFLError(item_dir, f"{key} has shape {saved[key]} in the checkpoint but {shape} in this run: it "
                                       f"was saved by another architecture (model.base / model.depth?)")
-
-
-def rng_to_json(key: jax.Array) -> list[int]:
-    return np.asarray(jax.random.key_data(key)).tolist()
-
-
-def rng_from_json(data: list[int]) -> jax.Array:
-    return jax.random.wrap_key_data(np.asarray(data, dtype=np.uint32))
 
 
 def close(manager: ocp.CheckpointManager) -> None:

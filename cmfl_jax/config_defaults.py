@@ -77,7 +77,9 @@ def model_config() -> ml_collections.ConfigDict:
             "base": 16,  # filters of the first level, doubled after every down-sampling (section 4.1)
             "depth": 4,  # number of down-samplings
             "conv_impl": "auto",  # "native" | "cpu_fast" | "auto" (cpu_fast on CPU, native on GPU/TPU)
-            "dtype": "float32",  # compute dtype: "float32" or "bfloat16" (params stay float32)
+            # compute dtype (params stay float32): "float32", "bfloat16", or "float16" with dynamic loss scaling
+            # (train.loss_scale; for GPUs without bfloat16, e.g. the T4)
+            "dtype": "float32",
         }
     )
 
@@ -106,6 +108,9 @@ def train_config(steps: int) -> ml_collections.ConfigDict:
             "max_nonfinite": 5,  # NaN guard: updates with a non-finite loss/gradient are skipped; stop after N in a row
             "preview_every": 100,  # PNG preview every N steps (0: never)
             "fresh": False,  # True: ignore and delete the workdir's checkpoints, start at step 0
+            # model.dtype=float16 only: the loss scale starts here, halves after a step whose gradients overflow
+            # (skipped), doubles after growth_interval finite steps, never falls below minimum
+            "loss_scale": {"initial": 32768.0, "growth_interval": 2000, "minimum": 1.0},
         }
     )
 

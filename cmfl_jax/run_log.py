@@ -68,16 +68,18 @@ class RunLog:
         for k, v in values.items():
             self.tb.add_scalar(k, v, step)
 
-    def progress(self, step: int, metrics: dict) -> None:
-        """Advance the bar to ``step`` (1-based count of finished steps) with the latest losses."""
+    def progress(self, step: int, metrics: dict | None = None) -> None:
+        """Advance the bar to ``step`` (1-based count of finished steps); with ``metrics`` (the loop's means at
+        a log step) show them too, or write the log line."""
         done = step - self.start
         rate = done / max(time.perf_counter() - self.t0, 1e-9)
         eta = (self.total - step) / rate if rate > 0 else float("inf")
-        short = {k: f"{float(v):.4g}" for k, v in metrics.items()}
+        short = {k: f"{float(v):.4g}" for k, v in (metrics or {}).items()}
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
-            self.bar.set_postfix(short, refresh=False)
-        elif step % self.log_every == 0 or step == self.total:
+            if metrics is not None:
+                self.bar.set_postfix(short, refresh=False)
+        elif metrics is not None and (step % self.log_every == 0 or step == self.total):
             losses = " ".join(f"{k}={v}" for k, v in short.items())
             logging.info("%s step %d/%d %s | %.3g steps/s | ETA %s", self.desc, step, self.total, losses, rate,
                          format_seconds(eta))

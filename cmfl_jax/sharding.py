@@ -138,12 +138,12 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
 
 
 def jit_train_step(step: Callable, mesh: Mesh | None = None) -> Callable:
-    """``jax.jit`` of a ``(states, batch, rng) -> (states, metrics)`` step: states replicated and donated, batch
-    split over ``data``, rng replicated; new states and metrics replicated. Default mesh: :func:`make_mesh`.
+    """``jax.jit`` of a ``(states, batch) -> (states, metrics)`` step: states replicated and donated, batch
+    split over ``data``; new states and metrics replicated. Default mesh: :func:`make_mesh`.
     """
     mesh = make_mesh() if mesh is None else mesh
     rep = replicated(mesh)
-    return jax.jit(step, in_shardings=(rep, batch_sharded(mesh), rep), out_shardings=rep, donate_argnums=(0,))
+    return jax.jit(step, in_shardings=(rep, batch_sharded(mesh)), out_shardings=rep, donate_argnums=(0,))
 
 
 def host_batch_size(per_device: int) -> int:

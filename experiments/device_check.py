@@ -71,7 +71,7 @@ def run_short_run(case: dict[str, Any]) -> dict[str, Any]:
     from cmfl_jax import sharding
     from cmfl_jax.data.dataset import load_entries
     from cmfl_jax.data.pipeline import patch_dataset
-    from cmfl_jax.training.loop import device_batch
+    from cmfl_jax.training.loop import device_batch, to_device
 
     config = programs.load_config(case["config"], case["overrides"])
     t0 = time.perf_counter()
@@ -81,14 +81,14 @@ def run_short_run(case: dict[str, Any]) -> dict[str, Any]:
     patches = iter(patch_dataset(entries, d.patch_size, seed=programs.SEED, batch_size=1, tumour_prob=d.tumour_prob))
     mesh = sharding.make_mesh(jax.devices()[:1])
     step, states, _ = programs.job_step(config, mesh)
-    batches = (sharding.shard_batch(device_batch(next(patches), ("image", "label")), mesh) for _ in range(steps))
-    rng, batch = jax.random.key(programs.SEED), next(batches)
+    batches = (to_device(device_batch(next(patches), ("image", "label")), mesh) for _ in range(steps))
+    batch = next(batches)
     t0 = time.perf_counter()
-    step = step.lower(states, batch, rng).compile()
+    step = step.lower(states, batch).compile()
     compile_s, losses = time.perf_counter() - t0, []
     t0 = time.perf_counter()
     for i in range(steps):
-        states, metrics = step(states, batch if i == 0 else next(batches), rng)
+        states, metrics = step(states, batch if i == 0 else next(batches))
         losses.append(float(metrics["loss"]))
     loop_s = time.perf_counter() - t0
     k = max(2, steps // 10)

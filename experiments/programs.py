@@ -56,7 +56,7 @@ def job_step(config: Any, mesh: Any) -> tuple[Any, dict, dict]:
     from cmfl_jax.training import cmff_step, cmft_step
 
     if config.job == "cmff":
-        module, states = cmff_step, {"seg": cmff_step.create_state(jax.random.key(SEED), config)}
+        module, states = cmff_step, cmff_step.create_states(jax.random.key(SEED), config)
     else:
         module, states = cmft_step, cmft_step.create_states(jax.random.key(SEED), config)
     batch = random_batch(mesh.size * config.train.batch_size, tuple(config.data.patch_size))
@@ -94,7 +94,7 @@ def run_step(case: dict[str, Any]) -> dict[str, Any]:
     baseline = harness.current_rss_mib()
     config = load_config(case["config"], case.get("overrides"))
     step, states, batch = job_step(config, sharding.make_mesh(jax.devices()[: case["devices"]]))
-    figures, losses = compile_and_time(step, (states, batch, jax.random.key(SEED)), case["repeats"], case["warmup"],
+    figures, losses = compile_and_time(step, (states, batch), case["repeats"], case["warmup"],
                                        loss=lambda out: out[1][LOSS_KEYS[config.job]])
     n, train = int(batch["image"].shape[0]), figures["timing"]
     record = {"device_count": jax.device_count(), "global_batch": n, "baseline_rss_mib": baseline,

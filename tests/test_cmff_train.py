@@ -179,7 +179,7 @@ def test_every_variant_trains_a_step(data_root, branches, attention):
     rng = np.random.default_rng(0)
     batch = {"image": rng.normal(size=(1, PATCH, PATCH, PATCH, 4)).astype(np.float32),
              "label": rng.choice(np.array([0, 1, 2, 4], np.uint8), size=(1, PATCH, PATCH, PATCH))}
-    states, metrics = make_train_step(config)({"seg": state}, batch, jax.random.key(1))
+    states, metrics = make_train_step(config)({"seg": state}, batch)
     after = flat(states["seg"].params)
     active = {"fusion": "abf", "A": "a", "B": "b", "A+B": "ab"}[branches]
     assert {k for k in metrics if k.startswith("dice_loss_")} == {f"dice_loss_{c}" for c in active}

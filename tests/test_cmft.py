@@ -47,7 +47,7 @@ def one_step(config):
     states = create_states(jax.random.key(0), config)
     before = jax.tree.map(np.array, {k: s.params for k, s in states.items()})
     batch = {"image": jax.random.normal(jax.random.key(1), (1, 32, 32, 32, 4))}
-    new_states, metrics = make_train_step(config)(states, batch, jax.random.key(2))
+    new_states, metrics = make_train_step(config)(states, batch)
     after = jax.tree.map(np.array, {k: s.params for k, s in new_states.items()})
     return before, after, metrics
 

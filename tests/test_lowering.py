@@ -36,10 +36,6 @@ def abstract(tree):
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), jnp.asarray(a).dtype), tree)
 
 
-def _rng():
-    return jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
-
-
 @pytest.fixture(scope="module")
 def traced():
     """``{name: jax.stages.Traced}`` of the three programs at smoke sizes (configs' ``:smoke``, conv_impl auto)."""
@@ -48,13 +44,13 @@ def traced():
     assert config.model.conv_impl == "auto"
     image = jax.ShapeDtypeStruct((config.train.batch_size, *config.data.patch_size, 4), jnp.float32)
     states = abstract(cmft_step.create_states(jax.random.key(0), config))
-    out["cmft_step"] = cmft_step.make_train_step(config).trace(states, {"image": image}, _rng())
+    out["cmft_step"] = cmft_step.make_train_step(config).trace(states, {"image": image})
 
     config = load_config("cmff:smoke")
     assert config.model.conv_impl == "auto"
     label = jax.ShapeDtypeStruct(image.shape[:-1], jnp.uint8)
     states = {"seg": abstract(cmff_step.create_state(jax.random.key(0), config, resuming=True))}
-    out["cmff_step"] = cmff_step.make_train_step(config).trace(states, {"image": image, "label": label}, _rng())
+    out["cmff_step"] = cmff_step.make_train_step(config).trace(states, {"image": image, "label": label})
 
     model = builder.cmff_net(config.model)
     window = jax.ShapeDtypeStruct((1, *config.data.patch_size, 4), jnp.float32)

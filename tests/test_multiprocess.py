@@ -217,7 +217,7 @@ def test_two_processes_train_like_one_and_their_checkpoints_restore_in_one(job, 
         (got, meta), (want, ref_meta) = _restore(two, subdir, targets), _restore(one, subdir, targets)
         assert jax.device_count() == 1 and meta["step"] == ref_meta["step"] == spec["steps"]
         if subdir == "checkpoints":
-            assert meta["processes"] == PROCESSES and ref_meta["processes"] == 1 and meta["rng"] == ref_meta["rng"]
+            assert meta["processes"] == PROCESSES and ref_meta["processes"] == 1
         else:
             assert meta["val"] == pytest.approx(ref_meta["val"], rel=1e-5, abs=1e-6)
         _assert_same_states(f"{job} {subdir}", got, want)

@@ -200,3 +200,22 @@ def test_notebook_stops_when_an_accelerator_is_expected_but_jax_sees_the_cpu(tmp
     assert "OK: requirements:" in text_of(tagged(nb, "install")[0])  # the check runs all the same
     assert "JAX platform: cpu " in text_of(nb.cells[-1])
     assert not (tmp_path / "work" / "prepare").exists()  # nothing after the failed cell ran
+
+
+@pytest.mark.parametrize("accel, dtype", [
+    ({"kind": "Tesla T4", "backend": "gpu", "compute_capability": "7.5"}, "float16"),
+    ({"kind": "Tesla T4", "backend": "gpu"}, "float16"),
+    ({"kind": "NVIDIA A100-SXM4-40GB", "backend": "gpu", "compute_capability": "8.0"}, "bfloat16"),
+    ({"kind": "NVIDIA L4", "backend": "gpu"}, "bfloat16"),
+    ({"kind": "NVIDIA H100 80GB HBM3", "backend": "gpu", "compute_capability": "9.0"}, "bfloat16"),
+    ({"kind": "TPU v5 lite", "backend": "tpu"}, "bfloat16"),
+    ({"kind": "Tesla P100-PCIE-16GB", "backend": "gpu", "compute_capability": "6.0"}, "float32"),
+    ({"kind": "cpu", "backend": "cpu"}, "float32"),
+])
+def test_the_precision_follows_the_device(accel, dtype):
+    """The notebook's choice without a kernel: float16 with loss scaling on a T4, bfloat16 where it is native."""
+    nb = nbformat.read(os.path.join(REPO, "experiments", "colab.ipynb"), as_version=4)
+    source = tagged(nb, "precision")[0].source
+    namespace = {}
+    exec(source.split("\n\n\nif PRECISION")[0], namespace)  # the function only, not its call
+    assert namespace["choose_precision"](accel)[0] == dtype

@@ -133,14 +133,14 @@ def sharded_side(out: str) -> None:
     for phase in PHASES:
         config = _config(phase)
         make_step = (cmft_step if phase == "cmft" else cmff_step).make_train_step
-        batch, rng = _batch(phase, DEVICES), jax.random.key(1)
+        batch = _batch(phase, DEVICES)
         results = {}
         for name, mesh in (("one", sharding.make_mesh(jax.devices()[:1])), ("sharded", sharding.make_mesh())):
             states = sharding.replicate(_states(phase, config, 0), mesh)
             if name == "one":
                 np.savez(os.path.join(out, f"{phase}_before.npz"), **_flat_params(states))
             global_batch = sharding.shard_batch(batch, mesh)
-            states, metrics = make_step(config, mesh)(states, global_batch, rng)
+            states, metrics = make_step(config, mesh)(states, global_batch)
             results[name] = states, {k: float(v) for k, v in metrics.items()}
             np.savez(os.path.join(out, f"{phase}_{name}.npz"), **_flat_params(states))
         states = results["sharded"][0]

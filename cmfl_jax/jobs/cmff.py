@@ -24,7 +24,7 @@ from cmfl_jax.data.pairs import pair_channels
 from cmfl_jax.data.splits import split_settings
 from cmfl_jax.label_classes import check_output, check_output_classes
 from cmfl_jax.label_sets import label_set_of_subjects
-from cmfl_jax.training.cmff_step import create_state, make_train_step
+from cmfl_jax.training.cmff_step import create_states, make_train_step
 from cmfl_jax.training.cmft_init import INIT_SOURCES, check_init_mode, cmft_checkpoint
 from cmfl_jax.training.loop import Phase, device_batch, fit, training_patches
 from cmfl_jax.training.validation import Validator
@@ -80,17 +80,18 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     train_entries, val_entries = _data(config)
     record_label_set(config, train_entries + val_entries, workdir)
     dataset = training_patches(config, train_entries)
-    states = {"seg": create_state(jax.random.key(config.seed), config, resuming=resuming)}
+    states = create_states(jax.random.key(config.seed), config, resuming=resuming)
     validator = Validator(config, val_entries, workdir)
 
     def on_step(step, states, batch):
         del batch
-        return validator(step, states) if validator.due(step) else None
+        return validator(step, states)
 
     phase = Phase("cmff", states, make_train_step(config),
-                  to_batch=functools.partial(device_batch, keys=("image", "label")), on_step=on_step)
+                  to_batch=functools.partial(device_batch, keys=("image", "label")), on_step=on_step,
+                  on_step_due=validator.due)
     try:
-        states, step = fit(phase, dataset, config.train, workdir, config.seed)
+        states, step = fit(phase, dataset, config.train, workdir)
     finally:
         validator.close()
     if step >= config.train.steps:  # not after a SIGTERM/SIGINT stop

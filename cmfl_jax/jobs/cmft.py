@@ -40,17 +40,17 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     preview = jax.jit(functools.partial(translate, objective=c.objective))
 
     def on_step(step, states, batch):
-        if config.train.preview_every and step % config.train.preview_every == 0:
-            a, b = split_pairs(batch["image"], config.data.pairing)
-            outputs = jax.device_get(preview(states, a[:1], b[:1]))
-            path = os.path.join(workdir, "previews", f"cmft_{step:07d}.png")
-            save_translation_png(path, np.asarray(a[0]), np.asarray(b[0]), {k: v[0] for k, v in outputs.items()},
-                                 title=f"CMFT step {step}")
+        a, b = split_pairs(batch["image"], config.data.pairing)
+        outputs, a, b = jax.device_get((preview(states, a[:1], b[:1]), a[0], b[0]))
+        path = os.path.join(workdir, "previews", f"cmft_{step:07d}.png")
+        save_translation_png(path, np.asarray(a), np.asarray(b), {k: v[0] for k, v in outputs.items()},
+                             title=f"CMFT step {step}")
         return None
 
-    phase = Phase("cmft", states, make_train_step(config), to_batch=device_batch,
-                  on_step=on_step)
-    states, _ = fit(phase, dataset, config.train, workdir, config.seed)
+    every = config.train.preview_every
+    phase = Phase("cmft", states, make_train_step(config), to_batch=device_batch, on_step=on_step,
+                  on_step_due=lambda step: bool(every) and step % every == 0)
+    states, _ = fit(phase, dataset, config.train, workdir)
     return states
 
 

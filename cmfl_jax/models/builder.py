@@ -17,7 +17,7 @@ from cmfl_jax.models.discriminator import PatchDiscriminator
 from cmfl_jax.models.init import init_params
 from cmfl_jax.models.unet import UNet3D
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 PAIR_CHANNELS = 2  # every network input is one modality pair
 DISCRIMINATOR_INPUT = 32  # Table 1's five 4^3 convs need at least 32^3
 

@@ -22,8 +22,14 @@ from cmfl_jax.data.pairs import split_pairs
 from cmfl_jax.label_classes import CLASS_LABELS, check_output, label_targets
 from cmfl_jax.label_sets import run_label_set
 from cmfl_jax.models import builder
+from cmfl_jax.training import loss_scale
 from cmfl_jax.training.cmft_init import initial_params
 from cmfl_jax.training.state import create_train_state, make_optimizer, skip_nonfinite
+
+
+def create_states(rng: jax.Array, config: ml_collections.ConfigDict, resuming: bool = False) -> dict:
+    """The train states the job trains: ``seg``, and the float16 loss scale (:mod:`~cmfl_jax.training.loss_scale`)."""
+    return {"seg": create_state(rng, config, resuming), **loss_scale.create(config, ("seg",))}
 
 
 def create_state(rng: jax.Array, config: ml_collections.ConfigDict, resuming: bool = False
@@ -36,10 +42,10 @@ def create_state(rng: jax.Array, config: ml_collections.ConfigDict, resuming: bo
     return create_train_state(rng, model, tx, params)
 
 
-def train_step(states: dict, batch: dict, rng: jax.Array, *, pairing: str, ce_weight: float = 0.0,
-               output: str = "classes", classes: tuple[int, ...] = CLASS_LABELS) -> tuple[dict, dict]:
-    """One CMFF step on a batch of (image, label) patches."""
-    del rng  # deterministic; the argument keeps the signature of every phase
+def train_step(states: dict, batch: dict, *, pairing: str, ce_weight: float = 0.0, output: str = "classes",
+               classes: tuple[int, ...] = CLASS_LABELS, scaled: bool = False) -> tuple[dict, dict]:
+    """One CMFF step on a batch of (image, label) patches; ``scaled``: float16 with the loss scale of
+    ``states["loss_scale"]["seg"]``."""
     state = states["seg"]
     a, b = split_pairs(batch["image"], pairing)
     target = label_targets(batch["label"], output, classes)
@@ -47,13 +53,19 @@ def train_step(states: dict, batch: dict, rng: jax.Array, *, pairing: str, ce_we
     def loss_fn(params):
         return losses.cmff_segmentation_loss(state.apply_fn({"params": params}, a, b), target, ce_weight, output)
 
-    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    return skip_nonfinite(states, {"seg": state.apply_gradients(grads=grads)}, {"loss": loss, **terms}, grads)
+    scale = states[loss_scale.ITEM]["seg"] if scaled else None
+    (loss, terms), grads, new_scale, headroom = loss_scale.value_and_grad(loss_fn, state.params, scale)
+    metrics = {"loss": loss, **terms}
+    if not scaled:
+        return skip_nonfinite(states, {"seg": state.apply_gradients(grads=grads)}, metrics, grads)
+    metrics = loss_scale.guard_metrics(metrics, grads, headroom, {"seg": new_scale})
+    new_states, metrics = skip_nonfinite({"seg": state}, {"seg": state.apply_gradients(grads=grads)}, metrics, grads)
+    return {**new_states, loss_scale.ITEM: {"seg": new_scale}}, metrics
 
 
 def make_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None):
     """The jitted step (states donated), data parallel over ``mesh`` (default: all devices)."""
     step = functools.partial(train_step, pairing=config.data.pairing, ce_weight=config.cmff.ce_weight,
                              output=check_output(config.model.get("output", "classes")),
-                             classes=run_label_set(config).classes)
+                             classes=run_label_set(config).classes, scaled=loss_scale.enabled(config))
     return sharding.jit_train_step(step, mesh)

@@ -1,10 +1,12 @@
-"""The resumable training loop both phases run.
+"""The resumable training loop both phases run, written so the host never waits on the device between logs.
 
-The loop draws one batch per step from a grain iterator, runs a jitted pure step
-``(states, batch, rng) -> (states, metrics)`` with ``rng = fold_in(root_rng, step)``, logs,
-and saves through Orbax. A workdir with a checkpoint resumes from it: the states, the root
-RNG and the iterator state come back, so the resumed run sees exactly the batches and the
-random numbers an uninterrupted run would have seen.
+The loop draws one batch per step from a grain iterator, runs a jitted pure step ``(states, batch) -> (states,
+metrics)``, and saves through Orbax. The step's metrics, the NaN guard's counts and its stop stay on the device
+(:mod:`cmfl_jax.training.window`); the loop reads them every ``train.log_every`` steps, before a save and before
+a hook (preview, validation), and logs the means over the steps since the last log. The next batch is prepared
+and sent to the device while the current step runs (one ahead). A workdir with a checkpoint resumes from it: the
+states and the iterator state come back, so the resumed run sees exactly the batches an uninterrupted run would
+have seen.
 """
 
 from __future__ import annotations
@@ -12,22 +14,19 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
-import signal
-import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from absl import logging
 
 from cmfl_jax import checkpoints, sharding
 from cmfl_jax.data.pipeline import patch_dataset
-from cmfl_jax.errors import CMFLError
 from cmfl_jax.run_log import RunLog
-from cmfl_jax.training.state import all_finite
+from cmfl_jax.training import window as window_lib
+from cmfl_jax.training.fit_support import QuietLog, StopRequest, check_params_finite, report_nonfinite, resume
 
 
 def training_patches(config: ml_collections.ConfigDict, entries: list):
@@ -40,10 +39,16 @@ def training_patches(config: ml_collections.ConfigDict, entries: list):
 
 
 def device_batch(batch: dict, keys: tuple[str, ...] = ("image",)) -> dict:
-    """The pipeline's ``keys`` as the steps take them: on the device, the image as float32. The cache may hold
-    float16 images; the cast runs on the device (exact), where numpy's costs ~2 ns per value on the host."""
-    out = {k: jnp.asarray(batch[k]) for k in keys}
-    out["image"] = out["image"].astype(jnp.float32)
+    """The pipeline's ``keys`` the step takes, still host arrays: the loop sends them (:func:`to_device`)."""
+    return {k: batch[k] for k in keys}
+
+
+def to_device(batch: dict, mesh: jax.sharding.Mesh) -> dict:
+    """Host arrays -> global arrays split over ``data`` (an asynchronous copy). The cache may hold float16
+    images; the cast to float32 runs on the device (exact), where numpy's costs ~2 ns per value on the host."""
+    out = sharding.shard_batch(batch, mesh)
+    if "image" in out:
+        out["image"] = out["image"].astype(jnp.float32)
     return out
 
 
@@ -54,10 +59,11 @@ class Phase:
     Attributes:
       name: prefix of log lines and metrics (``cmft``, ``cmff``).
       states: the named train states (one Orbax item each).
-      step_fn: jitted ``(states, batch, rng) -> (states, metrics)``; may donate ``states``.
-      to_batch: host batch from the pipeline -> arrays the step takes.
-      on_step: called after every step with ``(step, states, batch)``; returns metrics to log or None
-        (previews, validation).
+      step_fn: jitted ``(states, batch) -> (states, metrics)``; may donate ``states``.
+      to_batch: host batch from the pipeline -> the host arrays the step takes.
+      on_step: called after the steps where ``on_step_due`` holds with ``(step, states, batch)``; returns
+        metrics to log or None (previews, validation).
+      on_step_due: ``step -> bool``; None: every step (then the loop reads the NaN guard after every step).
     """
 
     name: str
@@ -65,90 +71,73 @@ class Phase:
     step_fn: Callable
     to_batch: Callable[[dict], Any]
     on_step: Callable[[int, dict, Any], Mapping[str, float] | None] | None = None
+    on_step_due: Callable[[int], bool] | None = None
 
 
-class StopRequest:
-    """SIGTERM/SIGINT while training: finish the current step, save it, and return (preemptible VMs, Ctrl-C).
-    With several processes a signal to any one of them stops all of them after the same step.
-
-    A second signal is not caught again: it interrupts at once (the last checkpoint stays valid).
-    """
-
-    def __init__(self):
-        self.signal: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> StopRequest:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        self.signal = signum
-        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))  # a second one acts at once
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+def _stop_requested(stop: StopRequest, step: int, train: ml_collections.ConfigDict) -> bool:
+    """Whether a signal asked to stop after ``step``. With several processes the question is a collective (a
+    device round trip), asked at log and save steps only: the stop comes at the next of those."""
+    if jax.process_count() == 1:
+        return stop.signal is not None
+    if step % train.log_every and step % train.save_every and step != train.steps:
+        return False
+    return sharding.any_process(stop.signal is not None)
 
 
-class _QuietLog:
-    """The run log of every process but the first: the metrics are the same on all, process 0 writes them."""
-
-    def write(self, step: int, metrics: dict, prefix: str = "train") -> None:
-        pass
-
-    def progress(self, step: int, metrics: dict) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _report_nonfinite(name: str, step: int, in_a_row: int, limit: int, metrics: dict) -> None:
-    """Log a step the NaN guard skipped; stop the run (nothing saved) after ``limit`` in a row."""
-    bad = ", ".join(k for k, v in metrics.items() if not np.isfinite(v)) or "a gradient"
-    logging.warning("%s step %d: non-finite %s; update skipped (%d in a row)", name, step, bad, in_a_row)
-    if in_a_row >= limit:
-        raise CMFLError("config.train.max_nonfinite",
-                        f"{name} step {step}: {in_a_row} steps in a row with a non-finite loss or gradient; stopped "
-                        f"(the last checkpoint is intact: lower the learning rate or check the data, then resume)")
-
-
-# One compiled check per params tree (called eagerly, all_finite compiles an isfinite and a reduction per leaf
-# shape: ~60 small compiles, seconds at the first save of every run).
-_all_finite_jit = jax.jit(all_finite)
-
-
-def _check_params_finite(states: dict, step: int) -> None:
-    """A checkpoint never holds NaN/Inf params (the guard should make this unreachable)."""
-    for name, state in states.items():
-        if not bool(_all_finite_jit(state.params)):
-            raise CMFLError(f"states[{name!r}]", f"non-finite parameters at step {step}; not saved")
-
-
-def _resume(name: str, states: dict, manager, iterator, seed: int) -> tuple[dict, jax.Array, int]:
-    """(states, root RNG, step) from the manager's latest checkpoint (restored onto the shardings of
-    ``states``), the iterator moved to its position; ``states``, ``key(seed)`` and 0 when there is none."""
-    if manager.latest_step() is None:
-        return states, jax.random.key(seed), 0
-    states, meta = checkpoints.restore(manager, states)
-    iterator.set_state(meta["data"])
-    if meta.get("processes", 1) != jax.process_count():
-        logging.warning("%s: the checkpoint was saved by %d processes, this run has %d: the states are the same, but "
-                        "each process's data position counts batches of its own share, so the patches that follow "
-                        "differ from an uninterrupted run", name, meta.get("processes", 1), jax.process_count())
-    logging.info("%s: resumed from step %d of %s", name, int(meta["step"]), manager.directory)
-    return states, checkpoints.rng_from_json(meta["rng"]), int(meta["step"])
+def _train(phase: Phase, states: dict, start: int, iterator, mesh, manager, log, train: ml_collections.ConfigDict,
+           stop: StopRequest) -> tuple[dict, int]:
+    """Steps ``start + 1`` to ``train.steps``; returns the states and the last finished step."""
+    window, done = None, start
+    upcoming = to_device(phase.to_batch(next(iterator)), mesh) if start < train.steps else None
+    for step in range(start + 1, train.steps + 1):
+        batch = upcoming
+        states, metrics = phase.step_fn(states, batch)
+        if window is None:
+            window = sharding.replicate(window_lib.empty(metrics), mesh)
+        window = window_lib.add(window, metrics, step, limit=train.max_nonfinite)
+        stopping = _stop_requested(stop, step, train)
+        save = step % train.save_every == 0 or step == train.steps or stopping
+        data = iterator.get_state() if save else None  # before the next batch is drawn
+        if step < train.steps and not stopping:  # the next batch goes to the device while this step runs
+            upcoming = to_device(phase.to_batch(next(iterator)), mesh)
+        hook = phase.on_step is not None and (phase.on_step_due is None or phase.on_step_due(step))
+        logs = step % train.log_every == 0 or step == train.steps
+        means = None
+        if logs or save or hook:  # the only reads of the device between logs
+            host = window_lib.read(window)
+            if logs or host["stop_step"]:
+                means = window_lib.summary(host)
+                if not means["skipped"]:
+                    means.pop("skipped")
+                log.write(int(host["stop_step"]) or step, means)
+                report_nonfinite(phase.name, step, host, train.max_nonfinite)  # raises at the guard's stop
+                window = sharding.replicate(window_lib.restart(window), mesh)
+        log.progress(step, means)
+        extra = phase.on_step(step, states, batch) if hook else None
+        if extra:
+            log.write(step, extra, prefix="val")
+        done = step
+        if save:
+            check_params_finite(states, step)
+            meta = {"step": step, "data": data, "processes": jax.process_count()}
+            checkpoints.save(manager, step, states, meta, force=True)
+        if stopping:
+            why = f"signal {stop.signal}" if stop.signal is not None else "another process was signalled"
+            logging.info("%s: %s: stopped after step %d, saved; run the same command to resume", phase.name, why, step)
+            break
+    return states, done
 
 
-def fit(phase: Phase, dataset, train: ml_collections.ConfigDict, workdir: str, seed: int) -> tuple[dict, int]:
+def fit(phase: Phase, dataset, train: ml_collections.ConfigDict, workdir: str) -> tuple[dict, int]:
     """Run ``phase`` for ``train.steps`` steps, resuming from ``workdir`` when it holds a checkpoint.
 
     Returns the states and the last finished step: ``train.steps``, or less when a SIGTERM/SIGINT stopped
     the run (its step is saved first, so running the same command again resumes there). The states are
     replicated over all devices and each batch is split over them (:mod:`cmfl_jax.sharding`).
+
+    The NaN guard skips the same updates as a check after every step would, and stops at the same step
+    (``train.max_nonfinite`` in a row, nothing saved at or after it), but the loop learns of the stop at its
+    next read of the device: the next log, save or hook step. The steps run in between change nothing on disk.
 
     With several processes every one runs this with the same ``workdir`` (a shared filesystem) and its own
     share of the data: all of them call the checkpoint saves (Orbax writes from process 0 and waits for the
@@ -165,38 +154,13 @@ def fit(phase: Phase, dataset, train: ml_collections.ConfigDict, workdir: str, s
     iterator = iter(dataset)
     log = None
     try:
-        states, rng, start = _resume(phase.name, sharding.replicate(phase.states, mesh), manager, iterator, seed)
+        states, start = resume(phase.name, sharding.replicate(phase.states, mesh), manager, iterator)
         if sharding.is_primary():  # one metrics.jsonl and TensorBoard log in the shared workdir
             log = RunLog(workdir, train.steps, start, desc=phase.name, log_every=train.log_every)
         else:
-            log = _QuietLog()
-        done, nonfinite = start, 0  # nonfinite: updates skipped in a row by the NaN guard
+            log = QuietLog()
         with StopRequest() as stop:
-            for step in range(start + 1, train.steps + 1):
-                batch = sharding.shard_batch(phase.to_batch(next(iterator)), mesh)
-                states, metrics = phase.step_fn(states, batch, jax.random.fold_in(rng, step))
-                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                nonfinite = nonfinite + 1 if metrics.pop("skipped", 0.0) else 0
-                if step % train.log_every == 0 or step == train.steps or nonfinite:
-                    log.write(step, metrics)
-                log.progress(step, metrics)
-                if nonfinite:
-                    _report_nonfinite(phase.name, step, nonfinite, train.max_nonfinite, metrics)
-                extra = phase.on_step(step, states, batch) if phase.on_step else None
-                if extra:
-                    log.write(step, extra, prefix="val")
-                done = step
-                stopping = sharding.any_process(stop.signal is not None)  # all processes stop at the same step
-                if step % train.save_every == 0 or step == train.steps or stopping:
-                    _check_params_finite(states, step)
-                    meta = {"step": step, "rng": checkpoints.rng_to_json(rng), "data": iterator.get_state(),
-                            "processes": jax.process_count()}
-                    checkpoints.save(manager, step, states, meta, force=True)
-                if stopping:
-                    why = f"signal {stop.signal}" if stop.signal is not None else "another process was signalled"
-                    logging.info("%s: %s: stopped after step %d, saved; run the same command to resume", phase.name,
-                                 why, step)
-                    break
+            states, done = _train(phase, states, start, iterator, mesh, manager, log, train, stop)
     finally:
         if log is not None:
             log.close()
@@ -204,4 +168,3 @@ def fit(phase: Phase, dataset, train: ml_collections.ConfigDict, workdir: str, s
         if hasattr(iterator, "close"):
             iterator.close()
     return states, done
-

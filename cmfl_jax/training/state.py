@@ -33,10 +33,13 @@ def all_finite(tree) -> jax.Array:
 
 def skip_nonfinite(old_states: dict, new_states: dict, metrics: dict, grads) -> tuple[dict, dict]:
     """The NaN guard inside a train step: keep ``old_states`` (params and optimizer state) when a loss or a
-    gradient is not finite, and report it as the ``skipped`` metric (1.0) that the loop counts."""
+    gradient is not finite, and report it as the ``skipped`` metric (1.0) and, unless ``metrics`` says otherwise
+    (a float16 overflow the loss scale absorbs: :mod:`cmfl_jax.training.loss_scale`), as ``nonfinite``, the
+    count towards the stop (:mod:`cmfl_jax.training.window`)."""
     finite = all_finite((metrics, grads))
     states = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_states, old_states)
-    return states, {**metrics, "skipped": 1.0 - finite.astype(jnp.float32)}
+    flag = 1.0 - finite.astype(jnp.float32)
+    return states, {**metrics, "skipped": flag, "nonfinite": metrics.get("nonfinite", flag)}
 
 
 def create_train_state(rng: jax.Array, module: nn.Module, tx: optax.GradientTransformation,
