@@ -104,7 +104,7 @@ def test_devices_case_runs_on_forced_host_devices():
     assert record["samples_per_s"] == pytest.approx(2 * record["steps_per_s"])
     assert np.isfinite(record["loss_first"]) and record["xla_train_memory"]["temp_mib"] > 0
     rows = benchmark.devices_table([record, {**case, "devices": 4, "status": "failed", "error": "OOM"}]).splitlines()
-    assert rows[2].startswith("| 16^3 | 2/2 | native | float32 | 2 | 2 |")
+    assert rows[2].startswith("| cmff | 16^3 | 2/2 | native | float32 | 2 | 2 |")
     assert "FAILED: OOM" in rows[3] and "not a speed-up" in rows[-1]
 
 
