@@ -46,7 +46,7 @@ CONV_IMPLS = ("native", "cpu_fast", "onednn", "auto")
 _DN = ("NDHWC", "DHWIO", "NDHWC")
 # Whether ``auto`` runs oneDNN on the CPU (when the library is loaded): only where it measured faster than
 # cpu_fast (experiments/onednn_bench.py, docs/performance.md).
-ONEDNN_IN_AUTO = False
+ONEDNN_IN_AUTO = True
 _PURE_XLA = [False]
 
 
