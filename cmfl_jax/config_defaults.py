@@ -72,7 +72,7 @@ def model_config() -> ml_collections.ConfigDict:
         {
             "base": 16,  # filters of the first level, doubled after every down-sampling (section 4.1)
             "depth": 4,  # number of down-samplings
-            "conv_impl": "auto",  # "native" | "cpu_fast" | "auto" (cpu_fast on CPU, native on GPU/TPU)
+            "conv_impl": "auto",  # "native" | "cpu_fast" | "onednn" | "auto" (onednn if built, else cpu_fast, on CPU)
             "dtype": "float32",  # compute dtype: "float32" or "bfloat16" (params stay float32)
         }
     )

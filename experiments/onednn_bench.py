@@ -7,8 +7,8 @@ OpenMP's default threads), ``onednn_blocked`` (oneDNN's blocked activation layou
 ``onednn_1t`` (one OpenMP thread). Each repeat runs every variant once (round robin), so load on the machine
 hits all alike; prints the median seconds and the ratio to ``cpu_fast``.
 
-    PYTHONPATH=. python experiments/onednn_bench.py --what convs --size 64 --repeats 5
-    PYTHONPATH=. python experiments/onednn_bench.py --what unet --size 64 --repeats 3
+    python -m experiments.onednn_bench --what convs --size 64 --repeats 5
+    python -m experiments.onednn_bench --what unet --size 64 --repeats 3
 """
 
 from __future__ import annotations
