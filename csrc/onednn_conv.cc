@@ -144,6 +144,19 @@ ffi::Error Handler(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffe
 
 }  // namespace
 
+// 1 when this CPU runs oneDNN's bfloat16 convolutions (forward and both gradients), else 0; the Python side asks
+// once and sends bfloat16 convolutions here only then.
+extern "C" int CmflOnednnSupportsBf16() {
+  try {
+    const memory::dims src = {1, 8, 4, 4, 4}, wei = {8, 8, 3, 3, 3}, dst = {1, 8, 4, 4, 4};
+    for (Op op : {kForward, kBackwardData, kBackwardWeights})
+      Build(op, memory::data_type::bf16, src, wei, dst, 1, 1, 0);
+  } catch (const dnnl::error&) {
+    return 0;
+  }
+  return 1;
+}
+
 #define CMFL_BIND                           \
   ffi::Ffi::Bind()                          \
       .Arg<ffi::AnyBuffer>()                \

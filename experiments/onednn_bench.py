@@ -55,7 +55,7 @@ def conv_layers(base, depth, size, in_channels):
     return layers
 
 
-def conv_programs(variant, layers, key):
+def conv_programs(variant, layers, key, dtype):
     impl = _setting(variant)[0]
     progs = []
     for i, (s, c, f) in enumerate(layers):
@@ -63,16 +63,16 @@ def conv_programs(variant, layers, key):
         k = jax.random.normal(jax.random.fold_in(key, 2 * i + 1), (3, 3, 3, c, f), jnp.float32) * 0.1
 
         def loss(x, k, impl=impl, f=f):
-            y = conv_module.Conv3D(f, 3, 1, 1, impl).apply({"params": {"kernel": k, "bias": jnp.zeros(f)}}, x)
-            return jnp.sum(y * y)
+            y = conv_module.Conv3D(f, 3, 1, 1, impl, dtype).apply({"params": {"kernel": k, "bias": jnp.zeros(f)}}, x)
+            return jnp.sum(jnp.square(y.astype(jnp.float32)))
 
         progs.append((_trace(variant, jax.value_and_grad(loss, (0, 1)), x, k), (x, k)))
     return progs
 
 
-def unet_program(variant, base, depth, size, key):
+def unet_program(variant, base, depth, size, key, dtype):
     impl = _setting(variant)[0]
-    model = UNet3D(2, base, depth, impl)
+    model = UNet3D(2, base, depth, impl, dtype)
     x = jax.random.normal(key, (1, size, size, size, 2), jnp.float32)
     params = UNet3D(2, base, depth, "cpu_fast").init(key, x)["params"]
 
@@ -91,18 +91,22 @@ def main():
     parser.add_argument("--depth", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="compute dtype (params stay float32)")
     args = parser.parse_args()
     variants = args.variants.split(",")
     if any(v.startswith("onednn") for v in variants) and not onednn.available():
         raise SystemExit(f"the oneDNN library is not loaded: {onednn.load()}")
-    key = jax.random.PRNGKey(0)
+    key, dtype = jax.random.PRNGKey(0), jnp.dtype(args.dtype)
+    if dtype == jnp.bfloat16 and not onednn.bf16_supported():
+        print("this CPU runs no oneDNN bfloat16 convolution: the onednn variants run cpu_fast")
     programs = {}
     for v in variants:
         t0 = time.perf_counter()
         if args.what == "convs":
-            programs[v] = conv_programs(v, conv_layers(args.base, args.depth, args.size, 2), key)
+            programs[v] = conv_programs(v, conv_layers(args.base, args.depth, args.size, 2), key, dtype)
         else:
-            programs[v] = unet_program(v, args.base, args.depth, args.size, key)
+            programs[v] = unet_program(v, args.base, args.depth, args.size, key, dtype)
         for prog, inputs in programs[v]:  # warm-up (oneDNN builds its primitives on the first call)
             jax.block_until_ready(prog(*inputs))
         print(f"{v}: compiled and warmed up in {time.perf_counter() - t0:.1f} s", flush=True)
@@ -114,7 +118,7 @@ def main():
                 jax.block_until_ready(prog(*inputs))
             times[v].append(time.perf_counter() - t0)
     ref = statistics.median(times["cpu_fast"]) if "cpu_fast" in times else None
-    print(f"{args.what} {args.size}^3 base {args.base} depth {args.depth}, median of {args.repeats} "
+    print(f"{args.what} {args.size}^3 base {args.base} depth {args.depth} {args.dtype}, median of {args.repeats} "
           f"(forward + gradient), {jax.device_count()} CPU device, {np.__name__} {np.__version__}")
     for v in variants:
         med = statistics.median(times[v])

@@ -62,6 +62,31 @@ def test_forward_and_both_gradients_equal_native(shape):
         _close(g, g_native)
 
 
+@pytest.mark.skipif(not onednn.bf16_supported(), reason="this CPU runs no oneDNN bfloat16 convolution "
+                                                          "(or the library is not loaded)")
+@pytest.mark.parametrize("shape", SHAPES[:3], ids=lambda s: "x".join(map(str, s)))
+def test_bfloat16_forward_and_gradients_equal_float32_within_bfloat16_rounding(shape):
+    """bfloat16 operands, float32 accumulation: within bfloat16's rounding (8 bits) of the float32 native op on the
+    same (rounded) operands."""
+    n, d, h, w, c, f, k, s, p = shape
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((n, d, h, w, c)), jnp.bfloat16)
+    kernel = jnp.asarray(rng.standard_normal((k, k, k, c, f)), jnp.bfloat16)
+    y = jax.jit(lambda x, kernel: onednn.conv(x, kernel, s, p))(x, kernel)
+    assert y.dtype == jnp.bfloat16
+    f32 = lambda x, kernel: conv_module._conv_native(x.astype(jnp.float32), kernel.astype(jnp.float32), s, p)
+    ref = f32(x, kernel)
+    cot = jnp.asarray(rng.standard_normal(y.shape), jnp.bfloat16)
+    tol = lambda a: dict(rtol=2e-2, atol=2e-2 * float(jnp.max(jnp.abs(a))))
+    np.testing.assert_allclose(np.asarray(y, np.float32), ref, **tol(ref))
+    grads = jax.jit(jax.grad(lambda x, kernel: jnp.sum((onednn.conv(x, kernel, s, p) * cot).astype(jnp.float32)),
+                             (0, 1)))(x, kernel)
+    grads_ref = jax.grad(lambda x, kernel: jnp.sum(f32(x, kernel) * cot.astype(jnp.float32)), (0, 1))(x, kernel)
+    for g, g_ref in zip(grads, grads_ref, strict=True):
+        assert g.dtype == jnp.bfloat16
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(g_ref, np.float32), **tol(g_ref))
+
+
 def _hlo(impl, x, dtype=None):
     module = Conv3D(4, 3, 1, 1, impl, dtype)
     params = module.init(jax.random.key(0), x)
@@ -78,7 +103,8 @@ def test_conv3d_runs_the_custom_call_except_inside_pure_xla():
         assert "cmfl_onednn_conv_fwd" not in _hlo("onednn", x)[0]
         assert "cmfl_onednn_conv_fwd" not in _hlo("auto", x)[0]
         assert conv_module.resolve_conv_impl("onednn", "cpu") == "cpu_fast"
-    assert "cmfl_onednn_conv_fwd" not in _hlo("onednn", x, jnp.bfloat16)[0]  # float32 only
+    # bfloat16 only where this CPU runs oneDNN's bfloat16 convolutions
+    assert ("cmfl_onednn_conv_fwd" in _hlo("onednn", x, jnp.bfloat16)[0]) == onednn.bf16_supported()
     _close(module.apply(params, x), module.clone(conv_impl="native").apply(params, x))
 
 

@@ -2,7 +2,8 @@
 
 ``csrc/onednn_conv.cc`` is built by ``pip install -e .`` into ``cmfl_jax/_onednn_conv*.so`` (``setup.py``;
 it needs a C++ compiler and, on Linux x86-64, the ``onednn-cpu-gomp`` wheel's headers and library). It holds
-three FFI handlers (forward, backward-data, backward-weights; float32) that take JAX's NDHWC activations and DHWIO
+three FFI handlers (forward, backward-data, backward-weights; float32, and bfloat16 where the CPU runs oneDNN's
+bfloat16 convolutions: :func:`bf16_supported`) that take JAX's NDHWC activations and DHWIO
 kernels as they are. :func:`conv` is the forward with a ``custom_vjp`` whose backward calls the two gradient
 handlers. When the library is missing or fails to load, :func:`available` is False, one log line says why and
 ``onednn``/``auto`` run ``cpu_fast`` (:mod:`cmfl_jax.models.conv`). ``CMFL_JAX_ONEDNN=0`` turns it off.
@@ -74,6 +75,7 @@ def _load() -> str | None:
         lib = ctypes.CDLL(path)
         for target, symbol in TARGETS.items():
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+        _state["bf16"] = bool(lib.CmflOnednnSupportsBf16())
     except Exception as err:  # a missing file, an unresolved symbol, a jaxlib without FFI: fall back
         return f"{type(err).__name__}: {err}"
     return None
@@ -83,10 +85,17 @@ def available() -> bool:
     return load() is None
 
 
+def bf16_supported() -> bool:
+    """Whether the library is loaded and oneDNN runs bfloat16 convolutions on this CPU (asked once, at load)."""
+    return available() and _state.get("bf16", False)
+
+
 def supports(x: jax.Array, kernel: jax.Array) -> bool:
-    """Whether :func:`conv` takes these operands: float32, static shapes, the library loaded."""
-    static = all(isinstance(d, int) for d in (*x.shape, *kernel.shape))
-    return static and x.dtype == jnp.float32 and kernel.dtype == jnp.float32 and available()
+    """Whether :func:`conv` takes these operands: static shapes, float32 (or bfloat16 where
+    :func:`bf16_supported`), the library loaded."""
+    if not all(isinstance(d, int) for d in (*x.shape, *kernel.shape)) or x.dtype != kernel.dtype:
+        return False
+    return available() and (x.dtype == jnp.float32 or (x.dtype == jnp.bfloat16 and bf16_supported()))
 
 
 def _call(target, shape, dtype, a, b, stride, pad):
