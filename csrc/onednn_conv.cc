@@ -38,6 +38,7 @@ struct Entry {
   int arg_a, arg_b, arg_out;             // DNNL_ARG_* of the two inputs and the output
   memory::desc user_a, user_b, user_out;  // JAX's layouts
   memory::desc prim_a, prim_b, prim_out;  // the primitive's layouts
+  std::string impl;                       // oneDNN's implementation, e.g. "brg_conv_fwd:avx512_core"
 };
 
 // NDHWC dims -> oneDNN's logical {N, C, D, H, W}; DHWIO dims -> {O, I, D, H, W}.
@@ -60,6 +61,7 @@ std::unique_ptr<Entry> Build(Op op, memory::data_type type, const memory::dims& 
     e->arg_a = DNNL_ARG_SRC, e->arg_b = DNNL_ARG_WEIGHTS, e->arg_out = DNNL_ARG_DST;
     e->user_a = user_src, e->user_b = user_wei, e->user_out = user_dst;
     e->prim_a = fwd.src_desc(), e->prim_b = fwd.weights_desc(), e->prim_out = fwd.dst_desc();
+    e->impl = fwd.impl_info_str();
   } else if (op == kBackwardData) {
     dnnl::convolution_backward_data::primitive_desc bwd(Engine(), alg, src_md, wei_md, dst_md, strides, pad_l,
                                                         pad_r, fwd);
@@ -67,6 +69,7 @@ std::unique_ptr<Entry> Build(Op op, memory::data_type type, const memory::dims& 
     e->arg_a = DNNL_ARG_DIFF_DST, e->arg_b = DNNL_ARG_WEIGHTS, e->arg_out = DNNL_ARG_DIFF_SRC;
     e->user_a = user_dst, e->user_b = user_wei, e->user_out = user_src;
     e->prim_a = bwd.diff_dst_desc(), e->prim_b = bwd.weights_desc(), e->prim_out = bwd.diff_src_desc();
+    e->impl = bwd.impl_info_str();
   } else {
     dnnl::convolution_backward_weights::primitive_desc bwd(Engine(), alg, src_md, wei_md, dst_md, strides, pad_l,
                                                            pad_r, fwd);
@@ -74,6 +77,7 @@ std::unique_ptr<Entry> Build(Op op, memory::data_type type, const memory::dims& 
     e->arg_a = DNNL_ARG_SRC, e->arg_b = DNNL_ARG_DIFF_DST, e->arg_out = DNNL_ARG_DIFF_WEIGHTS;
     e->user_a = user_src, e->user_b = user_dst, e->user_out = user_wei;
     e->prim_a = bwd.src_desc(), e->prim_b = bwd.diff_dst_desc(), e->prim_out = bwd.diff_weights_desc();
+    e->impl = bwd.impl_info_str();
   }
   return e;
 }
@@ -144,13 +148,14 @@ ffi::Error Handler(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffe
 
 }  // namespace
 
-// 1 when this CPU runs oneDNN's bfloat16 convolutions (forward and both gradients), else 0; the Python side asks
-// once and sends bfloat16 convolutions here only then.
+// 1 when this CPU runs oneDNN's bfloat16 convolutions (forward and both gradients) with optimized kernels, else 0
+// (no bfloat16 support, or only oneDNN's slow reference code); the Python side asks once and sends bfloat16
+// convolutions here only then.
 extern "C" int CmflOnednnSupportsBf16() {
   try {
-    const memory::dims src = {1, 8, 4, 4, 4}, wei = {8, 8, 3, 3, 3}, dst = {1, 8, 4, 4, 4};
+    const memory::dims src = {1, 16, 8, 8, 8}, wei = {16, 16, 3, 3, 3}, dst = {1, 16, 8, 8, 8};
     for (Op op : {kForward, kBackwardData, kBackwardWeights})
-      Build(op, memory::data_type::bf16, src, wei, dst, 1, 1, 0);
+      if (Build(op, memory::data_type::bf16, src, wei, dst, 1, 1, 0)->impl.rfind("ref", 0) == 0) return 0;
   } catch (const dnnl::error&) {
     return 0;
   }
