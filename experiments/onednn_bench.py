@@ -2,7 +2,8 @@
 
 ``--what convs``: forward + gradient (input and kernel) of every 3^3 convolution of the U-Net (``base``, ``depth``)
 at its level's size, summed over the network. ``--what unet``: ``jax.value_and_grad`` of a squared-error loss of the
-whole ``UNet3D`` (a train step without the optimizer). Variants of the oneDNN route: ``onednn`` (NDHWC activations,
+whole ``UNet3D`` (a train step without the optimizer); ``--what forward``: its forward alone (inference of one
+window). Variants of the oneDNN route: ``onednn`` (NDHWC activations,
 OpenMP's default threads), ``onednn_blocked`` (oneDNN's blocked activation layout, reordered in and out),
 ``onednn_1t`` (one OpenMP thread). Each repeat runs every variant once (round robin), so load on the machine
 hits all alike; prints the median seconds and the ratio to ``cpu_fast``.
@@ -70,7 +71,7 @@ def conv_programs(variant, layers, key, dtype):
     return progs
 
 
-def unet_program(variant, base, depth, size, key, dtype):
+def unet_program(variant, base, depth, size, key, dtype, forward_only=False):
     impl = _setting(variant)[0]
     model = UNet3D(2, base, depth, impl, dtype)
     x = jax.random.normal(key, (1, size, size, size, 2), jnp.float32)
@@ -80,12 +81,14 @@ def unet_program(variant, base, depth, size, key, dtype):
         out, _ = model.apply({"params": params}, x)
         return jnp.mean((out - x) ** 2)
 
+    if forward_only:
+        return [(_trace(variant, lambda params, x: model.apply({"params": params}, x)[0], params, x), (params, x))]
     return [(_trace(variant, jax.value_and_grad(loss), params, x), (params, x))]
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--what", choices=("convs", "unet"), default="convs")
+    parser.add_argument("--what", choices=("convs", "unet", "forward"), default="convs")
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--base", type=int, default=16)
     parser.add_argument("--depth", type=int, default=4)
@@ -106,7 +109,7 @@ def main():
         if args.what == "convs":
             programs[v] = conv_programs(v, conv_layers(args.base, args.depth, args.size, 2), key, dtype)
         else:
-            programs[v] = unet_program(v, args.base, args.depth, args.size, key, dtype)
+            programs[v] = unet_program(v, args.base, args.depth, args.size, key, dtype, args.what == "forward")
         for prog, inputs in programs[v]:  # warm-up (oneDNN builds its primitives on the first call)
             jax.block_until_ready(prog(*inputs))
         print(f"{v}: compiled and warmed up in {time.perf_counter() - t0:.1f} s", flush=True)
@@ -119,7 +122,8 @@ def main():
             times[v].append(time.perf_counter() - t0)
     ref = statistics.median(times["cpu_fast"]) if "cpu_fast" in times else None
     print(f"{args.what} {args.size}^3 base {args.base} depth {args.depth} {args.dtype}, median of {args.repeats} "
-          f"(forward + gradient), {jax.device_count()} CPU device, {np.__name__} {np.__version__}")
+          f"({'forward' if args.what == 'forward' else 'forward + gradient'}), {jax.device_count()} CPU device, "
+          f"numpy {np.__version__}")
     for v in variants:
         med = statistics.median(times[v])
         ratio = f"  {med / ref:.2f}x cpu_fast" if ref else ""

@@ -12,9 +12,10 @@ numbers another way:
 * the 2^3 stride-2 transposed convolution as a 1^3 convolution to 8*C channels followed by depth-to-space.
 
 ``"onednn"`` runs every :class:`Conv3D` (forward and both gradients) on the CPU by oneDNN through XLA FFI custom
-calls (:mod:`cmfl_jax.models.onednn`, float32, static shapes; anything else, and :class:`UpConv3D`, takes
-``cpu_fast``), when the library was built and loads; else ``cpu_fast``. Inside :func:`pure_xla` (``jax.export``
-bundles) it is ``cpu_fast``, so an exported program holds no custom call.
+calls (:mod:`cmfl_jax.models.onednn`; float32, bfloat16 where the CPU runs oneDNN's bfloat16 kernels, static
+shapes; anything else, and :class:`UpConv3D`, takes ``cpu_fast``), when the library was built and loads; else
+``cpu_fast``. Inside :func:`pure_xla` (``jax.export`` bundles) it is ``cpu_fast``, so an exported program holds no
+custom call.
 
 ``"native"`` is XLA's own op (right on GPU and TPU). ``"auto"`` (and ``"onednn"``) stages out both inside the one
 program with ``jax.lax.platform_dependent(cpu=cpu_fast, default=native)``, its CPU branch ``onednn`` when
