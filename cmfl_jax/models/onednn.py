@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import glob
+import importlib.machinery
 import importlib.metadata
 import os
 
@@ -37,11 +37,13 @@ _state: dict = {}
 
 
 def _library_path() -> str:
+    """``cmfl_jax/_onednn_conv<this interpreter's extension suffix>``, as ``pip install`` built it."""
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    found = sorted(glob.glob(os.path.join(here, "_onednn_conv*.so")))
-    if not found:
-        raise OSError("cmfl_jax/_onednn_conv*.so was not built (pip install -e . needs a C++ compiler)")
-    return found[0]
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = os.path.join(here, "_onednn_conv" + suffix)
+        if os.path.exists(path):
+            return path
+    raise OSError("cmfl_jax/_onednn_conv*.so was not built (pip install -e . needs a C++ compiler)")
 
 
 def _preload_dnnl() -> None:
