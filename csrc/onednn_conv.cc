@@ -5,7 +5,9 @@
 // conv_general_dilated with [(p, p)] * 3 gives it. Attributes: `stride`, `padding`, `layout` (0: activations stay
 // channels-last and only the kernel is reordered; 1: oneDNN picks the activation layout too and every operand is
 // reordered in and out) and `threads` (0: OpenMP's default, OMP_NUM_THREADS or the core count; n: n threads).
-// Primitives are cached by shape. Float32 and bfloat16 (where the CPU has the instructions; otherwise the
+// Primitives are cached by shape. XLA may run a cached primitive on any of its threads, and two at once, so each
+// call brings its own scratchpad (scratchpad_mode::user): oneDNN's library-managed scratchpad is per thread and
+// sized when the primitive is created, which breaks (out-of-bounds writes) when a primitive runs on another thread. Float32 and bfloat16 (where the CPU has the instructions; otherwise the
 // primitive descriptor cannot be created and the call returns an error).
 #include <cstdint>
 #include <memory>
@@ -38,6 +40,7 @@ struct Entry {
   int arg_a, arg_b, arg_out;             // DNNL_ARG_* of the two inputs and the output
   memory::desc user_a, user_b, user_out;  // JAX's layouts
   memory::desc prim_a, prim_b, prim_out;  // the primitive's layouts
+  memory::desc scratchpad;
   std::string impl;                       // oneDNN's implementation, e.g. "brg_conv_fwd:avx512_core"
 };
 
@@ -53,31 +56,33 @@ std::unique_ptr<Entry> Build(Op op, memory::data_type type, const memory::dims& 
   memory::desc src_md(src, type, data_tag), dst_md(dst, type, data_tag), wei_md(wei, type, tag::any);
   memory::desc user_src(src, type, tag::ndhwc), user_dst(dst, type, tag::ndhwc), user_wei(wei, type, tag::dhwio);
   auto alg = dnnl::algorithm::convolution_direct;
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
   dnnl::convolution_forward::primitive_desc fwd(Engine(), dnnl::prop_kind::forward_training, alg, src_md, wei_md,
-                                                dst_md, strides, pad_l, pad_r);
+                                                dst_md, strides, pad_l, pad_r, attr);
   auto e = std::make_unique<Entry>();
   if (op == kForward) {
     e->prim = dnnl::convolution_forward(fwd);
     e->arg_a = DNNL_ARG_SRC, e->arg_b = DNNL_ARG_WEIGHTS, e->arg_out = DNNL_ARG_DST;
     e->user_a = user_src, e->user_b = user_wei, e->user_out = user_dst;
     e->prim_a = fwd.src_desc(), e->prim_b = fwd.weights_desc(), e->prim_out = fwd.dst_desc();
-    e->impl = fwd.impl_info_str();
+    e->impl = fwd.impl_info_str(), e->scratchpad = fwd.scratchpad_desc();
   } else if (op == kBackwardData) {
     dnnl::convolution_backward_data::primitive_desc bwd(Engine(), alg, src_md, wei_md, dst_md, strides, pad_l,
-                                                        pad_r, fwd);
+                                                        pad_r, fwd, attr);
     e->prim = dnnl::convolution_backward_data(bwd);
     e->arg_a = DNNL_ARG_DIFF_DST, e->arg_b = DNNL_ARG_WEIGHTS, e->arg_out = DNNL_ARG_DIFF_SRC;
     e->user_a = user_dst, e->user_b = user_wei, e->user_out = user_src;
     e->prim_a = bwd.diff_dst_desc(), e->prim_b = bwd.weights_desc(), e->prim_out = bwd.diff_src_desc();
-    e->impl = bwd.impl_info_str();
+    e->impl = bwd.impl_info_str(), e->scratchpad = bwd.scratchpad_desc();
   } else {
     dnnl::convolution_backward_weights::primitive_desc bwd(Engine(), alg, src_md, wei_md, dst_md, strides, pad_l,
-                                                           pad_r, fwd);
+                                                           pad_r, fwd, attr);
     e->prim = dnnl::convolution_backward_weights(bwd);
     e->arg_a = DNNL_ARG_SRC, e->arg_b = DNNL_ARG_DIFF_DST, e->arg_out = DNNL_ARG_DIFF_WEIGHTS;
     e->user_a = user_src, e->user_b = user_dst, e->user_out = user_wei;
     e->prim_a = bwd.src_desc(), e->prim_b = bwd.diff_dst_desc(), e->prim_out = bwd.diff_weights_desc();
-    e->impl = bwd.impl_info_str();
+    e->impl = bwd.impl_info_str(), e->scratchpad = bwd.scratchpad_desc();
   }
   return e;
 }
@@ -131,7 +136,8 @@ ffi::Error Run(Op op, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBu
     memory mb = In(e.user_b, e.prim_b, b.untyped_data(), s);
     memory user_out(e.user_out, Engine(), out->untyped_data());
     memory mo = e.user_out == e.prim_out ? user_out : memory(e.prim_out, Engine());
-    e.prim.execute(s, {{e.arg_a, ma}, {e.arg_b, mb}, {e.arg_out, mo}});
+    memory scratchpad(e.scratchpad, Engine());  // this call's own
+    e.prim.execute(s, {{e.arg_a, ma}, {e.arg_b, mb}, {e.arg_out, mo}, {DNNL_ARG_SCRATCHPAD, scratchpad}});
     if (!(e.user_out == e.prim_out)) dnnl::reorder(mo, user_out).execute(s, mo, user_out);
     s.wait();
   } catch (const dnnl::error& err) {

@@ -87,6 +87,33 @@ def test_bfloat16_forward_and_gradients_equal_float32_within_bfloat16_rounding(s
         np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(g_ref, np.float32), **tol(g_ref))
 
 
+@needs_library
+def test_convs_run_from_several_threads_at_once():
+    """XLA runs a cached primitive on whichever thread it likes, several at once (the CMFT step does): each call
+    brings its own scratchpad, so the results stay exact (a primitive bound to its creating thread's scratchpad
+    wrote out of bounds and crashed the demo)."""
+    import concurrent.futures
+
+    rng = np.random.default_rng(2)
+    cases = []  # (operands, oneDNN gradient, native gradient)
+    for n, d, c, f, k, s, p in [(1, 12, 8, 16, 3, 1, 1), (2, 10, 16, 8, 4, 2, 1), (1, 14, 4, 32, 3, 2, 1)]:
+        x = jnp.asarray(rng.standard_normal((n, d, d, d, c)), jnp.float32)
+        kernel = jnp.asarray(rng.standard_normal((k, k, k, c, f)), jnp.float32)
+        grad = lambda conv, s=s, p=p: jax.jit(jax.grad(lambda a, w: jnp.sum(conv(a, w, s, p) ** 2), (0, 1)))
+        cases.append(((x, kernel), grad(onednn.conv), grad(conv_module._conv_native)))
+    expected = [native(*args) for args, _, native in cases]
+
+    def run(i):
+        args, fast, _ = cases[i % len(cases)]
+        return i % len(cases), jax.block_until_ready(fast(*args))
+
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(run, range(48)))
+    for i, grads in results:
+        for g, g_ref in zip(grads, expected[i], strict=True):
+            _close(g, g_ref)
+
+
 def _hlo(impl, x, dtype=None):
     module = Conv3D(4, 3, 1, 1, impl, dtype)
     params = module.init(jax.random.key(0), x)
