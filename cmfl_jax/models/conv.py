@@ -20,7 +20,7 @@ custom call.
 ``"native"`` is XLA's own op (right on GPU and TPU). ``"auto"`` (and ``"onednn"``) stages out both inside the one
 program with ``jax.lax.platform_dependent(cpu=cpu_fast, default=native)``, its CPU branch ``onednn`` when
 :data:`ONEDNN_IN_AUTO` and the library is loaded: the choice is made per platform when the program is
-lowered (for one platform only that platform's branch is emitted, so a CPU step is exactly the ``cpu_fast`` step),
+lowered (for one platform only that platform's branch is emitted, so a CPU step holds only the CPU path),
 and a program lowered or exported for several platforms (``jax.export`` with ``platforms=("cpu", "cuda", "tpu")``)
 carries both and picks when it is compiled where it runs. Nothing asks ``jax.default_backend()``, so a CPU-only
 machine can lower the GPU/TPU program (``tests/test_lowering.py``). Both implementations declare the same params

@@ -1,12 +1,12 @@
 """``conv_impl="onednn"``: 3D convolutions on the CPU by oneDNN, through XLA FFI custom calls.
 
-``csrc/onednn_conv.cc`` is built by ``pip install -e .`` into ``cmfl_jax/_onednn_conv*.so`` (``setup.py``;
-it needs a C++ compiler and, on Linux x86-64, the ``onednn-cpu-gomp`` wheel's headers and library). It holds
-three FFI handlers (forward, backward-data, backward-weights; float32, and bfloat16 where the CPU runs oneDNN's
-bfloat16 convolutions: :func:`bf16_supported`) that take JAX's NDHWC activations and DHWIO
-kernels as they are. :func:`conv` is the forward with a ``custom_vjp`` whose backward calls the two gradient
-handlers. When the library is missing or fails to load, :func:`available` is False, one log line says why and
-``onednn``/``auto`` run ``cpu_fast`` (:mod:`cmfl_jax.models.conv`). ``CMFL_JAX_ONEDNN=0`` turns it off.
+``csrc/onednn_conv.cc`` is built by ``pip install -e .`` into ``cmfl_jax/_onednn_conv*.so`` (``setup.py``; it needs
+a C++ compiler and, on Linux x86-64, the ``onednn-devel-cpu-gomp`` wheel's headers and library, a copy of whose
+``libdnnl.so.3`` goes beside it). It holds three FFI handlers (forward, backward-data, backward-weights; float32,
+and bfloat16 where the CPU runs oneDNN's bfloat16 convolutions: :func:`bf16_supported`) that take JAX's NDHWC
+activations and DHWIO kernels as they are. :func:`conv` is the forward with a ``custom_vjp`` whose backward calls
+the two gradient handlers. When the library is missing or fails to load, :func:`available` is False, one log line
+says why and ``onednn``/``auto`` run ``cpu_fast`` (:mod:`cmfl_jax.models.conv`). ``CMFL_JAX_ONEDNN=0`` turns it off.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import importlib.machinery
-import importlib.metadata
 import os
 
 import jax
@@ -46,18 +45,6 @@ def _library_path() -> str:
     raise OSError("cmfl_jax/_onednn_conv*.so was not built (pip install -e . needs a C++ compiler)")
 
 
-def _preload_dnnl() -> None:
-    """Load ``libdnnl.so.3`` of the ``onednn-cpu-gomp`` wheel globally, so our library's dependency resolves."""
-    try:
-        dist = importlib.metadata.distribution("onednn-cpu-gomp")
-    except importlib.metadata.PackageNotFoundError:
-        return  # maybe on the loader's path
-    for f in dist.files or ():
-        if f.name == "libdnnl.so.3":
-            ctypes.CDLL(str(dist.locate_file(f)), mode=ctypes.RTLD_GLOBAL)
-            return
-
-
 def load() -> str | None:
     """Load and register the library once; returns why not (None when it is loaded). Logs one line on failure."""
     if "error" not in _state:
@@ -73,7 +60,6 @@ def _load() -> str | None:
         return "CMFL_JAX_ONEDNN=0"
     try:
         path = _library_path()
-        _preload_dnnl()
         lib = ctypes.CDLL(path)
         for target, symbol in TARGETS.items():
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
