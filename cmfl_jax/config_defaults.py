@@ -76,7 +76,7 @@ def model_config() -> ml_collections.ConfigDict:
         {
             "base": 16,  # filters of the first level, doubled after every down-sampling (section 4.1)
             "depth": 4,  # number of down-samplings
-            "conv_impl": "auto",  # "native" | "cpu_fast" | "auto" (cpu_fast on CPU, native on GPU/TPU)
+            "conv_impl": "auto",  # "native" | "cpu_fast" | "onednn" | "auto" (onednn if built, else cpu_fast, on CPU)
             # compute dtype (params stay float32): "float32", "bfloat16", or "float16" with dynamic loss scaling
             # (train.loss_scale; for GPUs without bfloat16, e.g. the T4)
             "dtype": "float32",

@@ -3,8 +3,10 @@
 ``conv_impl="auto"`` (what the configs use) stages both conv paths and lets the lowering platform choose
 (:mod:`cmfl_jax.models.conv`): lowered for ``cuda`` or ``tpu``, the CMFT step, the CMFF step and the inference
 function must hold 3D ``stablehlo.convolution`` ops and none of ``cpu_fast``'s 2D ones; lowered for ``cpu``, the
-reverse (which shows the check can fail). A CPU-only construct reaching a GPU/TPU code path, or a platform
-choice made by asking the machine (``jax.default_backend()``), fails here. Lowering only, nothing is compiled.
+reverse (which shows the check can fail): ``cpu_fast``'s 2D ones, or, where ``auto`` runs oneDNN on the CPU
+(the library is built, :mod:`cmfl_jax.models.onednn`), its custom call and no 3D convolution. A CPU-only
+construct reaching a GPU/TPU code path, or a platform choice made by asking the machine
+(``jax.default_backend()``), fails here. Lowering only, nothing is compiled.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import pytest
 from cmfl_jax.config_variants import load_config
 from cmfl_jax.inference.sliding_window import cmff_predict_fn
 from cmfl_jax.models import Conv3D, builder
+from cmfl_jax.models.conv import resolve_conv_impl
 from cmfl_jax.training import cmff_step, cmft_step
 
 # The lhs layout of each convolution: ``[b, 0, 1, 2, f]`` (3 spatial dims) or ``[b, 0, 1, f]`` (2D), or their
@@ -30,6 +33,15 @@ _CONV = re.compile(r"stablehlo\.convolution.*?dim_numbers = \[([^\]]*)\]")
 def conv_ranks(text: str) -> collections.Counter:
     """``{spatial rank: number of stablehlo.convolution ops}`` of a lowered module's text."""
     return collections.Counter(len(re.findall(r"\d", lhs)) for lhs in _CONV.findall(text))
+
+
+def assert_the_cpu_path(text: str) -> None:
+    """``auto``'s CPU branch: oneDNN's custom call where the library is loaded, else cpu_fast's 2D convolutions."""
+    ranks = conv_ranks(text)
+    if resolve_conv_impl("auto", "cpu") == "onednn":
+        assert "cmfl_onednn_conv_fwd" in text and 3 not in ranks, ranks
+    else:
+        assert ranks[2] > 0 and set(ranks) == {2}, ranks
 
 
 def abstract(tree):
@@ -67,10 +79,8 @@ def test_gpu_and_tpu_programs_use_the_native_3d_convolution(traced, program, pla
 
 @pytest.mark.parametrize("program", ["cmft_step", "inference"])
 def test_the_cpu_program_is_the_cpu_fast_one(traced, program):
-    """The same traced program lowered for CPU: only cpu_fast's 2D convolutions, the 3D branch dropped."""
-    text = traced[program].lower(lowering_platforms=("cpu",)).as_text()
-    ranks = conv_ranks(text)
-    assert ranks[2] > 0 and set(ranks) == {2}, ranks
+    """The same traced program lowered for CPU: only the CPU path (cpu_fast or oneDNN), the 3D branch dropped."""
+    assert_the_cpu_path(traced[program].lower(lowering_platforms=("cpu",)).as_text())
 
 
 def test_one_program_for_several_platforms_carries_both_paths():
@@ -78,7 +88,9 @@ def test_one_program_for_several_platforms_carries_both_paths():
     x = jax.ShapeDtypeStruct((1, 8, 8, 8, 2), jnp.float32)
     params = jax.eval_shape(conv.init, jax.random.key(0), x)
     text = jax.jit(conv.apply).trace(params, x).lower(lowering_platforms=("cpu", "cuda", "tpu")).as_text()
-    assert set(conv_ranks(text)) == {2, 3}
+    onednn = resolve_conv_impl("auto", "cpu") == "onednn"
+    assert set(conv_ranks(text)) == ({3} if onednn else {2, 3})
+    assert ("cmfl_onednn_conv_fwd" in text) == onednn
     for impl, rank in (("native", 3), ("cpu_fast", 2)):  # the fixed choices ignore the platform
         text = jax.jit(conv.clone(conv_impl=impl).apply).trace(params, x).lower(lowering_platforms=("cuda",)).as_text()
         assert set(conv_ranks(text)) == {rank}

@@ -37,6 +37,7 @@ from cmfl_jax.errors import CMFLError
 from cmfl_jax.inference.predictor import CHECKPOINT_DIRS, Predictor, load_workdir
 from cmfl_jax.inference.stablehlo import BUNDLE_FILE, BUNDLE_FORMAT, stablehlo_name
 from cmfl_jax.label_classes import REGION_LABELS
+from cmfl_jax.models.conv import pure_xla
 
 __all__ = ["DEFAULT_PLATFORMS", "PLATFORMS", "export_bundle", "export_window_function",
            "parse_platforms", "stablehlo_name"]
@@ -66,8 +67,9 @@ def export_window_function(predictor: Predictor, window=None, platforms=DEFAULT_
         return predictor.model.apply({"params": predictor.params}, a, b)["probs"]
 
     (batch,) = jax.export.symbolic_shape("b")
-    exported = jax.export.export(jax.jit(probs), platforms=tuple(platforms))(
-        jax.ShapeDtypeStruct((batch, *window, 4), jnp.float32))
+    with pure_xla():  # no oneDNN custom call: the bundle runs with JAX alone
+        exported = jax.export.export(jax.jit(probs), platforms=tuple(platforms))(
+            jax.ShapeDtypeStruct((batch, *window, 4), jnp.float32))
     return bytes(exported.serialize())
 
 

@@ -11,9 +11,16 @@ numbers another way:
   channels plus a sum of shifted slices (or, for few folded channels, as the 2D-slice sum above);
 * the 2^3 stride-2 transposed convolution as a 1^3 convolution to 8*C channels followed by depth-to-space.
 
-``"native"`` is XLA's own op (right on GPU and TPU). ``"auto"`` stages out both inside the one program with
-``jax.lax.platform_dependent(cpu=cpu_fast, default=native)``: the choice is made per platform when the program is
-lowered (for one platform only that platform's branch is emitted, so a CPU step is exactly the ``cpu_fast`` step),
+``"onednn"`` runs every :class:`Conv3D` (forward and both gradients) on the CPU by oneDNN through XLA FFI custom
+calls (:mod:`cmfl_jax.models.onednn`; float32, bfloat16 where the CPU runs oneDNN's bfloat16 kernels, static
+shapes; anything else, and :class:`UpConv3D`, takes ``cpu_fast``), when the library was built and loads; else
+``cpu_fast``. Inside :func:`pure_xla` (``jax.export`` bundles) it is ``cpu_fast``, so an exported program holds no
+custom call.
+
+``"native"`` is XLA's own op (right on GPU and TPU). ``"auto"`` (and ``"onednn"``) stages out both inside the one
+program with ``jax.lax.platform_dependent(cpu=cpu_fast, default=native)``, its CPU branch ``onednn`` when
+:data:`ONEDNN_IN_AUTO` and the library is loaded: the choice is made per platform when the program is
+lowered (for one platform only that platform's branch is emitted, so a CPU step holds only the CPU path),
 and a program lowered or exported for several platforms (``jax.export`` with ``platforms=("cpu", "cuda", "tpu")``)
 carries both and picks when it is compiled where it runs. Nothing asks ``jax.default_backend()``, so a CPU-only
 machine can lower the GPU/TPU program (``tests/test_lowering.py``). Both implementations declare the same params
@@ -23,6 +30,7 @@ Their timings: docs/performance.md ("Convolutions").
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from collections.abc import Callable
@@ -33,19 +41,46 @@ import jax
 import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 
-CONV_IMPLS = ("native", "cpu_fast", "auto")
+from cmfl_jax.models import onednn
+
+CONV_IMPLS = ("native", "cpu_fast", "onednn", "auto")
 _DN = ("NDHWC", "DHWIO", "NDHWC")
+# Whether ``auto`` runs oneDNN on the CPU (when the library is loaded): only where it measured faster than
+# cpu_fast (experiments/onednn_bench.py, docs/performance.md).
+ONEDNN_IN_AUTO = True
+_PURE_XLA = [False]
+
+
+@contextlib.contextmanager
+def pure_xla():
+    """Inside, ``onednn`` and ``auto`` trace ``cpu_fast`` on the CPU: no custom call (for ``jax.export``)."""
+    before = _PURE_XLA[0]
+    _PURE_XLA[0] = True
+    try:
+        yield
+    finally:
+        _PURE_XLA[0] = before
+
+
+def _use_onednn(conv_impl: str) -> bool:
+    """Whether this trace's CPU branch of ``conv_impl`` is oneDNN (the library loads, not inside pure_xla)."""
+    wanted = conv_impl == "onednn" or (conv_impl == "auto" and ONEDNN_IN_AUTO)
+    return wanted and not _PURE_XLA[0] and onednn.available()
 
 
 def resolve_conv_impl(conv_impl: str, platform: str | None = None) -> str:
     """The implementation ``conv_impl`` runs on ``platform`` (default: JAX's default backend), for reports only.
 
-    ``auto`` -> ``cpu_fast`` on CPU, ``native`` elsewhere. The modules never call this with ``auto``: they stage
-    both branches out (:func:`_dispatch`) and the platform the program is lowered for decides.
+    ``auto`` -> ``cpu_fast`` (``onednn`` when :data:`ONEDNN_IN_AUTO` and the library loads) on CPU, ``native``
+    elsewhere; ``onednn`` -> ``onednn`` on CPU when the library loads, else ``cpu_fast``; ``native`` elsewhere.
+    The modules never call this with ``auto``: they stage both branches out (:func:`_dispatch`) and the platform
+    the program is lowered for decides.
     """
     _check_conv_impl(conv_impl)
-    if conv_impl == "auto":
-        return "cpu_fast" if (platform or jax.default_backend()) == "cpu" else "native"
+    if conv_impl in ("auto", "onednn"):
+        if (platform or jax.default_backend()) != "cpu":
+            return "native"
+        return "onednn" if _use_onednn(conv_impl) else "cpu_fast"
     return conv_impl
 
 
@@ -57,7 +92,8 @@ def _check_conv_impl(conv_impl: str) -> None:
 
 
 def _dispatch(conv_impl: str, cpu_fast: Callable, native: Callable, *args: jax.Array) -> jax.Array:
-    """``cpu_fast(*args)`` or ``native(*args)``; for ``auto`` both, chosen per platform by the lowering."""
+    """``cpu_fast(*args)`` or ``native(*args)``; for ``auto`` and ``onednn`` both, chosen per platform by the
+    lowering (the caller passes its oneDNN function as ``cpu_fast`` when :func:`_use_onednn`)."""
     _check_conv_impl(conv_impl)
     if conv_impl == "cpu_fast":
         return cpu_fast(*args)
@@ -156,7 +192,7 @@ class Conv3D(nn.Module):
       kernel_size: cubic kernel edge.
       strides: cubic stride.
       padding: voxels of zero padding on every side.
-      conv_impl: "native" | "cpu_fast" | "auto".
+      conv_impl: "native" | "cpu_fast" | "onednn" | "auto".
       dtype: compute dtype; param_dtype: storage dtype of kernel and bias.
     """
 
@@ -178,6 +214,8 @@ class Conv3D(nn.Module):
         s, p = self.strides, self.padding
         fast = functools.partial(_conv_3d_as_2d, pad=p) if s == 1 else functools.partial(_space_to_depth_conv,
                                                                                           stride=s, pad=p)
+        if _use_onednn(self.conv_impl) and onednn.supports(x, kernel):
+            fast = lambda x, kernel: onednn.conv(x, kernel, s, p)
         native = functools.partial(_conv_native, stride=s, pad=p)
         return _dispatch(self.conv_impl, fast, native, x, kernel) + bias
 

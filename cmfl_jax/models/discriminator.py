@@ -19,7 +19,7 @@ class PatchDiscriminator(nn.Module):
     8^3x128 and 7^3x1 (sown as ``intermediates`` L1, L3, L6, L9, L12).
 
     Attributes:
-      conv_impl: "native" | "cpu_fast" | "auto".
+      conv_impl: "native" | "cpu_fast" | "onednn" | "auto".
       dtype, param_dtype: compute and storage dtypes.
     """
 

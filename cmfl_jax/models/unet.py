@@ -50,7 +50,7 @@ class UNet3D(nn.Module):
       out_channels: 2 for a generator (a modality pair), 4 for a segmentation branch (classes).
       base: filters of the first level.
       depth: number of down-samplings; spatial sizes must be multiples of ``2**depth``.
-      conv_impl: "native" | "cpu_fast" | "auto".
+      conv_impl: "native" | "cpu_fast" | "onednn" | "auto".
       dtype: compute dtype (bfloat16 for mixed precision); the output is float32.
       param_dtype: storage dtype of the params.
 
