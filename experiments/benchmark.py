@@ -172,7 +172,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--suite", choices=sorted(SUITES), default="unet")
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128], help="cube edges S of the input")
-    parser.add_argument("--impls", nargs="+", default=["native", "cpu_fast"], choices=["native", "cpu_fast", "onednn", "auto"])
+    parser.add_argument("--impls", nargs="+", default=["native", "cpu_fast"],
+                        choices=["native", "cpu_fast", "onednn", "auto"])
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
     parser.add_argument("--base", type=int, default=16, help="filters of the first U-Net level")
     parser.add_argument("--depth", type=int, default=4, help="down-samplings of the U-Net")
