@@ -5,10 +5,8 @@ numbers another way:
 
 * a stride-1 k^3 convolution (odd or even k) as the sum over kernel depth of 2D convolutions of depth slices;
 * a 1^3 convolution as a matrix product;
-* a strided convolution (stride s, kernel k, padding p; the PatchGAN's 4^3 stride 2) by space-to-depth:
-  pad, fold every s^3 block into channels, fold the kernel (zero-padded to a multiple of s) the same way,
-  and run a stride-1 VALID conv with the ceil(k/s)^3 kernel, as one matrix product to ceil(k/s)^3 * F
-  channels plus a sum of shifted slices (or, for few folded channels, as the 2D-slice sum above);
+* a strided convolution (stride s, kernel k; the PatchGAN's 4^3 stride 2) by space-to-depth, then a stride-1
+  VALID conv with the ceil(k/s)^3 folded kernel (:func:`_space_to_depth_conv`);
 * the 2^3 stride-2 transposed convolution as a 1^3 convolution to 8*C channels followed by depth-to-space.
 
 ``"onednn"`` runs every :class:`Conv3D` (forward and both gradients) on the CPU by oneDNN through XLA FFI custom
@@ -17,15 +15,13 @@ shapes; anything else, and :class:`UpConv3D`, takes ``cpu_fast``), when the libr
 ``cpu_fast``. Inside :func:`pure_xla` (``jax.export`` bundles) it is ``cpu_fast``, so an exported program holds no
 custom call.
 
-``"native"`` is XLA's own op (right on GPU and TPU). ``"auto"`` (and ``"onednn"``) stages out both inside the one
-program with ``jax.lax.platform_dependent(cpu=cpu_fast, default=native)``, its CPU branch ``onednn`` when
-:data:`ONEDNN_IN_AUTO` and the library is loaded: the choice is made per platform when the program is
-lowered (for one platform only that platform's branch is emitted, so a CPU step holds only the CPU path),
-and a program lowered or exported for several platforms (``jax.export`` with ``platforms=("cpu", "cuda", "tpu")``)
-carries both and picks when it is compiled where it runs. Nothing asks ``jax.default_backend()``, so a CPU-only
-machine can lower the GPU/TPU program (``tests/test_lowering.py``). Both implementations declare the same params
-(``kernel`` ``(k, k, k, C_in, C_out)``, ``bias``), so checkpoints are interchangeable.
-Their timings: docs/performance.md ("Convolutions").
+``"native"`` is XLA's own op (right on GPU and TPU). ``"auto"`` (and ``"onednn"``) stages out both inside one
+program, ``jax.lax.platform_dependent(cpu=cpu_fast, default=native)``, the CPU branch ``onednn`` when
+:data:`ONEDNN_IN_AUTO` and the library is loaded: a program lowered for one platform holds that platform's branch
+only; one exported for several (``jax.export``, ``platforms=("cpu", "cuda", "tpu")``) carries both and picks where
+it is compiled. Nothing asks ``jax.default_backend()``, so a CPU-only machine lowers the GPU/TPU program
+(``tests/test_lowering.py``). Every implementation declares the same params (``kernel`` ``(k, k, k, C_in, C_out)``,
+``bias``): checkpoints are interchangeable. Timings: docs/performance.md ("Convolutions").
 """
 
 from __future__ import annotations
