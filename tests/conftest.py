@@ -73,15 +73,23 @@ def write_tiny_dataset(root, n: int = 3, layout: str = "brats2018") -> list[Subj
 
 # The longest files first: pytest-xdist (``-n 2 --dist loadfile``, the README's test command) hands whole
 # files to the workers in collection order, so a long file collected last would run alone at the end.
+# The files in the order xdist should start them (--dist loadfile): the longest first, so that no worker is left
+# with a long file at the end (from CI's --durations; refresh when a file grows).
 LONGEST_FIRST = (
-    "test_notebook", "test_multiprocess", "test_determinism", "test_cv", "test_cmft", "test_cmff_train", "test_split",
-    "test_crash_resume", "test_cli", "test_predict", "test_sharding", "test_demo", "test_device_check",
-    "test_bad_inputs", "test_bundle_anywhere", "test_lowering", "test_preemption", "test_ablations", "test_nan_guard",
-    "test_disk_errors",
+    "test_crash_resume", "test_mixed_precision", "test_device_check", "test_multiprocess", "test_notebook",
+    "test_sharding", "test_cv", "test_cli", "test_predict", "test_split", "test_determinism", "test_cmft",
+    "test_cmff_train", "test_preemption", "test_nan_guard", "test_ablations", "test_demo", "test_onednn",
+    "test_label_sets", "test_bad_inputs", "test_bundle_anywhere", "test_lowering", "test_disk_errors",
 )
 # Integration tests: they train, compile whole networks or run jobs in subprocesses. Marked ``slow``, so that
 # ``pytest -m "not slow"`` is the quick lane of unit tests (hand-computed values, small functions); CI runs both.
-INTEGRATION = frozenset(LONGEST_FIRST) - {"test_ablations"}  # that file marks its one runner test itself
+# (The other files mark their own slow tests.)
+INTEGRATION = frozenset((
+    "test_notebook", "test_multiprocess", "test_determinism", "test_cv", "test_cmft", "test_cmff_train", "test_split",
+    "test_crash_resume", "test_cli", "test_predict", "test_sharding", "test_demo", "test_device_check",
+    "test_bad_inputs", "test_bundle_anywhere", "test_lowering", "test_preemption", "test_nan_guard",
+    "test_disk_errors",
+))
 
 
 def pytest_collection_modifyitems(items):
