@@ -15,11 +15,9 @@ drew them, so ``flip=True`` is ``p_mirror=0.5``.
 
 Rotation and scaling resample a window just large enough for the turned patch (scipy.ndimage, on the CPU
 worker), the image with ``image_order`` 1 (linear: a quarter of cubic's time, and no overshoot at the
-brain's edge), the label with order 0 (nearest: its values stay 0/1/2/4). Cost of one resampled 4-channel
-patch (30 degree angles, scale 1.2) of a brain-sized volume, 2 shared CPU cores: 64^3 0.13 s, 128^3 1.2 s
-(order 3: 0.8 s, 5.4 s),
-against milliseconds for a plain crop; ``python -m cmfl_jax.data.augment`` measures it. With the nnU-Net
-preset a fifth to a third of the patches are resampled.
+brain's edge), the label with order 0 (nearest: its values stay 0/1/2/4). A resampled patch costs far more
+than a plain crop (its measured cost: docs/timings.md; ``python -m cmfl_jax.data.augment`` measures it). With
+the nnU-Net preset a fifth to a third of the patches are resampled.
 """
 
 from __future__ import annotations
