@@ -7,8 +7,10 @@
 // reordered in and out) and `threads` (0: OpenMP's default, OMP_NUM_THREADS or the core count; n: n threads).
 // Primitives are cached by shape. XLA may run a cached primitive on any of its threads, and two at once, so each
 // call brings its own scratchpad (scratchpad_mode::user): oneDNN's library-managed scratchpad is per thread and
-// sized when the primitive is created, which breaks (out-of-bounds writes) when a primitive runs on another thread. Float32 and bfloat16 (where the CPU has the instructions; otherwise the
-// primitive descriptor cannot be created and the call returns an error).
+// sized when the primitive is created, which breaks (out-of-bounds writes) when a primitive runs on another thread.
+// Float32 and bfloat16 (where the CPU has the instructions; otherwise the primitive descriptor cannot be created and
+// the call returns an error).
+#include <array>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -48,6 +50,17 @@ struct Entry {
 memory::dims DataDims(ffi::Span<const int64_t> d) { return {d[0], d[4], d[1], d[2], d[3]}; }
 memory::dims WeightDims(ffi::Span<const int64_t> d) { return {d[4], d[3], d[0], d[1], d[2]}; }
 
+// The primitive of `pd`, its two inputs and its output: their DNNL_ARG_* names, JAX's layouts, the primitive's.
+template <typename Prim, typename PrimitiveDesc>
+void Fill(Entry* e, const PrimitiveDesc& pd, std::array<int, 3> args, std::array<memory::desc, 3> user,
+          std::array<memory::desc, 3> prim) {
+  e->prim = Prim(pd);
+  e->arg_a = args[0], e->arg_b = args[1], e->arg_out = args[2];
+  e->user_a = user[0], e->user_b = user[1], e->user_out = user[2];
+  e->prim_a = prim[0], e->prim_b = prim[1], e->prim_out = prim[2];
+  e->impl = pd.impl_info_str(), e->scratchpad = pd.scratchpad_desc();
+}
+
 std::unique_ptr<Entry> Build(Op op, memory::data_type type, const memory::dims& src, const memory::dims& wei,
                              const memory::dims& dst, int64_t stride, int64_t pad, int64_t layout) {
   memory::dims strides(3, stride), pad_l(3, pad), pad_r(3);
@@ -62,27 +75,21 @@ std::unique_ptr<Entry> Build(Op op, memory::data_type type, const memory::dims& 
                                                 dst_md, strides, pad_l, pad_r, attr);
   auto e = std::make_unique<Entry>();
   if (op == kForward) {
-    e->prim = dnnl::convolution_forward(fwd);
-    e->arg_a = DNNL_ARG_SRC, e->arg_b = DNNL_ARG_WEIGHTS, e->arg_out = DNNL_ARG_DST;
-    e->user_a = user_src, e->user_b = user_wei, e->user_out = user_dst;
-    e->prim_a = fwd.src_desc(), e->prim_b = fwd.weights_desc(), e->prim_out = fwd.dst_desc();
-    e->impl = fwd.impl_info_str(), e->scratchpad = fwd.scratchpad_desc();
+    Fill<dnnl::convolution_forward>(e.get(), fwd, {DNNL_ARG_SRC, DNNL_ARG_WEIGHTS, DNNL_ARG_DST},
+                                    {user_src, user_wei, user_dst},
+                                    {fwd.src_desc(), fwd.weights_desc(), fwd.dst_desc()});
   } else if (op == kBackwardData) {
     dnnl::convolution_backward_data::primitive_desc bwd(Engine(), alg, src_md, wei_md, dst_md, strides, pad_l,
                                                         pad_r, fwd, attr);
-    e->prim = dnnl::convolution_backward_data(bwd);
-    e->arg_a = DNNL_ARG_DIFF_DST, e->arg_b = DNNL_ARG_WEIGHTS, e->arg_out = DNNL_ARG_DIFF_SRC;
-    e->user_a = user_dst, e->user_b = user_wei, e->user_out = user_src;
-    e->prim_a = bwd.diff_dst_desc(), e->prim_b = bwd.weights_desc(), e->prim_out = bwd.diff_src_desc();
-    e->impl = bwd.impl_info_str(), e->scratchpad = bwd.scratchpad_desc();
+    Fill<dnnl::convolution_backward_data>(e.get(), bwd, {DNNL_ARG_DIFF_DST, DNNL_ARG_WEIGHTS, DNNL_ARG_DIFF_SRC},
+                                          {user_dst, user_wei, user_src},
+                                          {bwd.diff_dst_desc(), bwd.weights_desc(), bwd.diff_src_desc()});
   } else {
     dnnl::convolution_backward_weights::primitive_desc bwd(Engine(), alg, src_md, wei_md, dst_md, strides, pad_l,
                                                            pad_r, fwd, attr);
-    e->prim = dnnl::convolution_backward_weights(bwd);
-    e->arg_a = DNNL_ARG_SRC, e->arg_b = DNNL_ARG_DIFF_DST, e->arg_out = DNNL_ARG_DIFF_WEIGHTS;
-    e->user_a = user_src, e->user_b = user_dst, e->user_out = user_wei;
-    e->prim_a = bwd.src_desc(), e->prim_b = bwd.diff_dst_desc(), e->prim_out = bwd.diff_weights_desc();
-    e->impl = bwd.impl_info_str(), e->scratchpad = bwd.scratchpad_desc();
+    Fill<dnnl::convolution_backward_weights>(e.get(), bwd, {DNNL_ARG_SRC, DNNL_ARG_DIFF_DST, DNNL_ARG_DIFF_WEIGHTS},
+                                             {user_src, user_dst, user_wei},
+                                             {bwd.src_desc(), bwd.diff_dst_desc(), bwd.diff_weights_desc()});
   }
   return e;
 }
