@@ -22,7 +22,7 @@ from unittest import mock
 import ml_collections
 import pytest
 
-from cmfl_jax.config_variants import _parse_value, load_config, override
+from cmfl_jax.config_variants import _lookup, _parse_value, load_config, override
 from tests.conftest import REPO
 
 DOCS = [os.path.join(REPO, "README.md"), *sorted(glob.glob(os.path.join(REPO, "docs", "*.md")))]
@@ -110,11 +110,10 @@ def check_main_command(args: list[str]) -> None:
 
 
 def _lookup_or_fail(config: ml_collections.ConfigDict, key: str, spec: str) -> object:
-    node: object = config
-    for part in key.split("."):
-        assert isinstance(node, ml_collections.ConfigDict) and part in node, f"{spec} has no key {key}"
-        node = node[part]
-    return node
+    try:
+        return _lookup(config, key)
+    except KeyError:
+        raise AssertionError(f"{spec} has no key {key}") from None
 
 
 COMMANDS = all_commands()

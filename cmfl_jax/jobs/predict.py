@@ -32,7 +32,7 @@ import numpy as np
 from absl import logging
 
 from cmfl_jax.data.dataset import resolve_root
-from cmfl_jax.data.io import atomic_path, load_subject, write_nifti
+from cmfl_jax.data.io import atomic_path, load_subject, read_json, write_nifti
 from cmfl_jax.data.layouts import MODALITIES, Subject, discover, to_dataset
 from cmfl_jax.errors import CMFLError
 from cmfl_jax.inference.ensemble import EnsemblePredictor, model_dirs
@@ -170,11 +170,7 @@ def _of(settings: dict, subject: Subject) -> dict:
 
 
 def _read_record(out_dir: str) -> dict:
-    try:
-        with open(_record_path(out_dir)) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return {}  # none yet, or unreadable: every subject is redone
+    return read_json(_record_path(out_dir)) or {}  # none yet, or unreadable: every subject is redone
 
 
 def _write_record(out_dir: str, record: dict) -> None:
