@@ -15,8 +15,8 @@ function (JAX alone, no model code) instead of rebuilding the Flax model. A re-r
 outputs exist (``--config.overwrite=true`` redoes them). The BraTS post-processing tuned on the CMFF validation fold
 is applied by default (``--config.postprocess.et_min_mm3=0`` switches it off).
 
-A fold ensemble: ``--config.model_dir=runs/cv`` (a ``configs/cv.py`` workdir: every fold's CMFF ``best/``, its
-threshold tuned on the pooled out-of-fold predictions) or ``--config.model_dir=runs/a,runs/b`` (any CMFF runs or
+A fold ensemble: ``--config.model_dir=runs/cv`` (a ``configs/cv.py`` workdir: every fold's CMFF model, the
+median of the folds' ET thresholds) or ``--config.model_dir=runs/a,runs/b`` (any CMFF runs or
 bundles that predict the same outputs; the mean of their probabilities, then labels once).
 """
 
@@ -52,7 +52,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.save_probabilities = False  # also write <subject>_probabilities.nii.gz (float32, 4 classes)
     config.overlays = False  # also write <workdir>/overlays/<subject>.png: 3 planes, prediction (and label) over FLAIR
     # BraTS post-processing (cmfl_jax.postprocess): ET under et_min_mm3 becomes NCR/NET; -1: the threshold the CMFF
-    # validation tuned (kept in the checkpoint and the bundle; for an ensemble its CV run's pooled one), or 500 mm³
-    # when it has none; 0: off.
+    # validation tuned (kept in the checkpoint and the bundle; for a CV run's ensemble the median of its
+    # folds' own), or 500 mm³ when it has none; 0: off.
     config.postprocess = ml_collections.ConfigDict({"et_min_mm3": -1.0, "wt_min_mm3": 0.0})
     return apply_variants(config, arg, {}, "predict")

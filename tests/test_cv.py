@@ -1,6 +1,6 @@
-"""configs/cv.py:smoke through the command line: per-fold splits that keep each fold's CMFT off its validation
-subjects, out-of-fold scores, the summary, the pooled threshold, a re-run that skips finished folds, and the fold
-ensemble predicting from the CV workdir."""
+"""configs/cv.py:smoke through the command line: per-fold splits that keep each fold's CMFT and CMFF off its
+held-out subjects, a checkpoint and threshold chosen on other subjects, out-of-fold scores, the summary, a re-run
+that skips finished folds, and the fold ensemble predicting from the CV workdir."""
 
 from __future__ import annotations
 
@@ -8,11 +8,14 @@ import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 
 import nibabel as nib
 import numpy as np
 import pytest
 
+from cmfl_jax import checkpoints
 from cmfl_jax.config_variants import load_config
 from cmfl_jax.data.io import load_subject
 from cmfl_jax.data.layouts import discover
@@ -23,10 +26,9 @@ from cmfl_jax.inference.predictor import Predictor
 from cmfl_jax.inference.sliding_window import restrict_to_brain
 from cmfl_jax.jobs import predict
 from cmfl_jax.label_classes import classes_to_labels
-from cmfl_jax.training.cross_validation import pooled_postprocess, summarize
-from cmfl_jax.training.validation import tuned_postprocess
+from cmfl_jax.training.cross_validation import summarize
 
-from .test_cli import run_cli
+from .test_cli import REPO, run_cli
 
 FOLDS = 2
 
@@ -35,9 +37,13 @@ FOLDS = 2
 def cv_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cv")
     work, cache = tmp / "cv", tmp / "cache"
-    r = run_cli("--config=configs/cv.py:smoke", f"--workdir={work}", cache=cache, timeout=480)
+    # the CLI with a record of the subjects that reach CMFF's validation (selection) and the out-of-fold scoring
+    env = dict(os.environ, CI="true", CMFL_JAX_CACHE=str(cache))
+    r = subprocess.run([sys.executable, "-m", "tests.selection_spy", str(tmp / "spy.json"),
+                        "--config=configs/cv.py:smoke", f"--workdir={work}"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=480)
     assert r.returncode == 0, r.stderr[-3000:]
-    return work, cache, r
+    return work, cache, r, read(tmp / "spy.json")
 
 
 def read(path) -> dict:
@@ -50,8 +56,24 @@ def fold_outputs(work) -> dict[str, int]:
             for d, _, files in os.walk(work) if "fold" in d for f in files}
 
 
+def test_the_scored_subjects_never_reach_the_selection(cv_run):
+    """The subjects CMFF's validation received (it picks best/ and tunes the ET threshold) and those the out-of-fold
+    scoring received, as recorded by tests/selection_spy.py: disjoint in every fold, each non-empty."""
+    work, _, _, spy = cv_run
+    for k in range(FOLDS):
+        fold = work / f"fold{k}"
+        held_out = set(read(fold / "split.json")["validation"])
+        selected = set(spy["selected"][str(fold / "cmff")])
+        scored = set(spy["scored"][str(fold / "cmff")])
+        assert scored == held_out and selected == set(read(fold / "select" / "split.json")["validation"])
+        assert selected and not selected & scored
+        record = read(fold / "validation.json")
+        tuned = checkpoints.latest_meta(str(fold / "cmff"), "best")["postprocess"]["et_min_mm3"]
+        assert record["checkpoint"] == "best" and record["et_min_mm3"] == tuned  # the selection's threshold
+
+
 def test_cv_smoke_folds_summary_and_resume(cv_run):
-    work, cache, r = cv_run
+    work, cache, r, _ = cv_run
     assert r.stderr == ""
     assert (work / "cv_summary.md").read_text() in r.stdout  # the one summary, printed and written
     validation, subjects = [], None
@@ -59,10 +81,11 @@ def test_cv_smoke_folds_summary_and_resume(cv_run):
         fold = work / f"fold{k}"
         split = read(fold / "split.json")
         assert split["fold"] == k and split["folds"] == FOLDS
-        for stage in ("cmft", "cmff"):  # both stages read this fold's split, so CMFT never sees its validation
+        inner = read(fold / "select" / "split.json")  # fold k's training subjects, split to train and select
+        assert sorted(inner["train"] + inner["validation"]) == split["train"] and inner["validation"]
+        for stage in ("cmft", "cmff"):  # both stages read the inner split: neither sees fold k's held-out subjects
             stage_split = read(fold / stage / "config.json")["data"]["split"]["file"]
-            assert stage_split == str(fold / "split.json")
-            assert not set(read(stage_split)["train"]) & set(split["validation"])
+            assert stage_split == str(fold / "select" / "split.json")
         validation.append(set(split["validation"]))
         everyone = set(split["train"]) | set(split["validation"])
         assert subjects in (None, everyone)
@@ -80,10 +103,12 @@ def test_cv_smoke_folds_summary_and_resume(cv_run):
             values = [f[f"{metric}_{region}"] for f in per_fold]
             assert summary["mean"][f"{metric}_{region}"] == pytest.approx(np.mean(values), abs=1e-12)
             assert summary["std"][f"{metric}_{region}"] == pytest.approx(np.std(values), abs=1e-12)
-    pooled = [s for k in range(FOLDS) for s in read(work / f"fold{k}" / "validation.json")["subjects"]]
-    assert summary["postprocess"] == tuned_postprocess(pooled) and summary["postprocess"]["subjects"] == 4
+    thresholds = [read(work / f"fold{k}" / "validation.json")["et_min_mm3"] for k in range(FOLDS)]
+    assert summary["postprocess"] == {"et_min_mm3": (thresholds[0] + thresholds[1]) / 2}  # the median of two
     md = (work / "cv_summary.md").read_text()
     assert f"| mean ± std | 4 | {summary['mean']['dice_ET']:.4f} ± {summary['std']['dice_ET']:.4f} |" in md
+    post = summary["postprocessed"]["mean"]
+    assert f"| mean ± std | 4 | {post['dice_ET']:.4f} ± {summary['postprocessed']['std']['dice_ET']:.4f} |" in md
     assert f"--config.model_dir={work}" in md
 
     before = fold_outputs(work)
@@ -110,7 +135,7 @@ def predict_probabilities(model_dir: str, root: str, out) -> dict[str, tuple[np.
 def test_the_ensemble_is_the_mean_of_the_models_probabilities(tmp_path, cv_run):
     """Two fold models (different data, different params): the ensemble's saved probabilities are the mean of
     each model's own, and its labels come from that mean; one model alone is the plain predictor."""
-    work, _, _ = cv_run
+    work, _, _, _ = cv_run
     a, b = (str(work / f"fold{k}" / "cmff") for k in range(FOLDS))
     root = str(work / "fold0" / "validation.csv")
     first, second = predict_probabilities(a, root, tmp_path / "a"), predict_probabilities(b, root, tmp_path / "b")
@@ -130,7 +155,7 @@ def test_the_ensemble_is_the_mean_of_the_models_probabilities(tmp_path, cv_run):
 
 
 def test_models_trained_on_other_inputs_are_one_line(tmp_path, cv_run):
-    work, _, _ = cv_run
+    work, _, _, _ = cv_run
     other = tmp_path / "other"
     shutil.copytree(work / "fold1" / "cmff", other)  # as if trained without z-scoring: its config.json says so
     run_config = json.loads((other / "config.json").read_text())
@@ -146,7 +171,7 @@ def test_models_trained_on_other_inputs_are_one_line(tmp_path, cv_run):
 
 
 def test_predict_with_the_cv_workdir_is_the_fold_ensemble(tmp_path, cv_run, caplog):
-    work, _, _ = cv_run
+    work, _, _, _ = cv_run
     config = load_config("predict")
     config.model_dir, config.data.root = str(work), str(work / "fold0" / "validation.csv")
     caplog.set_level(logging.INFO, logger="absl")
@@ -156,21 +181,9 @@ def test_predict_with_the_cv_workdir_is_the_fold_ensemble(tmp_path, cv_run, capl
         assert os.path.join(str(work), f"fold{k}", "cmff", "best") in caplog.text
     threshold = read(work / "cv_summary.json")["postprocess"]["et_min_mm3"]
     assert f"under {threshold:g} mm³ becomes NCR/NET" in caplog.text
-    assert "tuned on the CV run's pooled out-of-fold predictions" in caplog.text
+    assert "the median of the CV run's folds' own thresholds" in caplog.text
     assert sorted(os.listdir(tmp_path / "out" / "predictions")) == sorted(
         f"{i}.nii.gz" for i in read(work / "fold0" / "split.json")["validation"])
-
-
-def test_the_threshold_is_tuned_on_the_pooled_out_of_fold_subjects():
-    """(ET volume mm³, ET Dice, no ET in the target) per subject. Alone, fold 0 would pick 50 mm³ and fold 1
-    200 mm³; pooled: 0 -> (0+.8+.9+0)/4, 50 -> (1+.8+.9+0)/4 = .675, 100 -> .45, 200 -> .5, ... -> 50 mm³."""
-    fold0 = [{"et_stats": (40.0, 0.0, True)}, {"et_stats": (150.0, 0.8, False)}]
-    fold1 = [{"et_stats": (80.0, 0.9, False)}, {"et_stats": (120.0, 0.0, True)}]
-    assert tuned_postprocess(fold0)["et_min_mm3"] == 50.0 and tuned_postprocess(fold1)["et_min_mm3"] == 200.0
-    pooled = pooled_postprocess([fold0, fold1])
-    assert pooled == {"et_min_mm3": 50.0, "dice_ET": pytest.approx(0.675), "subjects": 4}
-    fold1[0]["et_stats"] = (80.0, 0.1, False)  # a worse true ET: keeping small ET pays less, 200 -> (1+0+0+1)/4
-    assert pooled_postprocess([fold0, fold1])["et_min_mm3"] == 200.0
 
 
 def test_summary_is_mean_and_population_std_over_folds():

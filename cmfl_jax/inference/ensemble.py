@@ -22,7 +22,7 @@ import numpy as np
 from cmfl_jax.errors import CMFLError
 from cmfl_jax.inference.stablehlo import VolumePredictor
 
-CV_SUMMARY = "cv_summary.json"  # in a CV workdir: the folds' models and the pooled tuned post-processing
+CV_SUMMARY = "cv_summary.json"  # in a CV workdir: the folds' models and their ET threshold
 KEY = "config.model_dir"
 # What every member must share: the ensemble pre-processes each subject once and converts the mean once.
 AGREE = ("output", "normalization", "label_set")
@@ -65,7 +65,7 @@ def _cv_run_of(model_dir: str) -> str | None:
 def model_dirs(spec: str) -> tuple[list[str], dict | None]:
     """(the model folders of ``config.model_dir``, the CV summary when they all come from one CV run).
 
-    A single CV workdir stands for its folds' CMFF runs; the summary's pooled tuned post-processing then applies.
+    A single CV workdir stands for its folds' CMFF runs; the summary's ET threshold then applies.
     """
     dirs = [d.strip() for d in spec.split(",") if d.strip()]
     if not dirs:

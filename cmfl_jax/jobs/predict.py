@@ -12,7 +12,7 @@ the 2024 PED values), atomically. With ``config.data.label_set=auto`` the model'
 when it extends it (a brats2024_gli model on ``BraTS-GLI-*`` names); a subject whose set has other classes than
 the model's is a one-line error. Several models (``config.model_dir`` a comma-separated list, or a CV workdir for its
 folds' CMFF runs) predict as one ensemble: the mean of their probabilities (:mod:`cmfl_jax.inference.ensemble`),
-post-processed with the CV run's pooled tuned threshold. A re-run skips the subjects whose outputs are all there,
+post-processed with the CV run's threshold (its folds' median). A re-run skips the subjects whose outputs are all there,
 newer than the model and the images, and made with the same model and settings (``<out_dir>_record.json``, beside
 the outputs' folder so that it holds NIfTI files only, as a BraTS submission does, keeps them per subject);
 ``overwrite`` redoes them all.
@@ -113,7 +113,7 @@ def _load_predictor(config: ml_collections.ConfigDict, dirs: list[str]):
 
 
 def _tuned_et_threshold(config: ml_collections.ConfigDict, dirs: list[str], cv: dict | None) -> float | None:
-    """The ET threshold tuned for these models: a CV run's, pooled over its out-of-fold predictions; else the one
+    """The ET threshold tuned for these models: a CV run's (the median of its folds' own); else the one
     model's CMFF validation's (bundle.json or the checkpoint's meta); none for an ensemble of other models."""
     if cv is not None:
         return (cv.get("postprocess") or {}).get("et_min_mm3")
@@ -189,6 +189,8 @@ def _up_to_date(outputs: list[str], subject: Subject, model_time: float, recorde
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     dirs, cv = model_dirs(config.model_dir)
+    if cv is not None:  # a CV run's folds: the checkpoint its folds were scored with
+        config.checkpoint = cv.get("checkpoint", config.checkpoint)
     subjects = _subjects(config)  # before the model: cheap
     predictor = _load_predictor(config, dirs)
     subjects = fit_label_sets(subjects, predictor.label_set, config.data.get("label_set", AUTO))
@@ -199,7 +201,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     wt_min = float(config.postprocess.wt_min_mm3)
     how = ("config.postprocess" if config.postprocess.et_min_mm3 >= 0
            else "the default, no tuned value for these models" if tuned is None
-           else "tuned on the CV run's pooled out-of-fold predictions" if cv is not None
+           else "the median of the CV run's folds' own thresholds" if cv is not None
            else "tuned on the validation fold")
     logging.info("predict: post-processing: enhancing tumour under %g mm³ becomes NCR/NET (%s%s); whole-tumour "
                  "components under %g mm³ removed", et_min, "off: " if et_min == 0 else "", how, wt_min)

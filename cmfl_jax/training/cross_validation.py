@@ -1,10 +1,10 @@
-"""What cross-validation (``configs/cv.py``) computes: out-of-fold scores, the pooled tuning, the summary.
+"""What cross-validation (``configs/cv.py``) computes: out-of-fold scores, each fold's own threshold, the summary.
 
-Each fold's CMFF model (``best/``) predicts its held-out subjects as ``predict`` does (whole raw volumes, the
-predictor's own label conversion); their BraTS metrics and the ET statistics post-processing is tuned on are
-kept per subject in the fold's folder, so the ET threshold is tuned once on the union of every fold's held-out
-subjects (:func:`pooled_postprocess`, the validation's own :func:`tuned_postprocess`): each subject is scored by
-a model that never saw it, and the threshold sees every subject once.
+Each fold's CMFF model (``best/``, picked on the fold's selection subjects, or ``final/``) predicts its held-out
+subjects as ``predict`` does (whole raw volumes, the predictor's own label conversion), and each is scored twice:
+as predicted, and post-processed with the fold's own ET threshold (:func:`fold_threshold`: tuned by CMFF's
+validation on the selection subjects, or fixed), so each subject is scored by a model, a checkpoint and a
+threshold that never saw it. Lesion-wise (2023-2024 leaderboard) figures come with the legacy ones.
 """
 
 from __future__ import annotations
@@ -15,41 +15,67 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from absl import logging
 
-from cmfl_jax.data.io import load_subject
+from cmfl_jax import checkpoints
+from cmfl_jax.data.io import load_subject, write_nifti
 from cmfl_jax.data.subject import Subject
 from cmfl_jax.inference.predictor import load_workdir
+from cmfl_jax.label_sets import to_dataset
+from cmfl_jax.lesion_metrics import leaderboard_lesionwise_metrics
 from cmfl_jax.metrics import REGIONS
+from cmfl_jax.postprocess import ET, postprocess
 from cmfl_jax.progress import progress
-from cmfl_jax.training.validation import score_subject, tuned_postprocess, validation_summary
+from cmfl_jax.training.validation import score_subject, validation_summary
 
 SUMMARY_METRICS = ("dice", "hd95")  # per region in the summary's table
 
 
-def out_of_fold(model_dir: str, subjects: Sequence[Subject], settings: Mapping, checkpoint: str = "best"
-                ) -> list[dict]:
-    """``{"subject_id", <region>: metrics, "et_stats"}`` of each held-out subject, predicted by the fold's model
-    with ``settings`` (``overlap``, ``batch_size``, ``mirror``)."""
+def fold_threshold(model_dir: str, checkpoint: str, fixed: float) -> float:
+    """The ET threshold of a fold's held-out subjects: the one CMFF's validation tuned on the fold's selection
+    subjects (kept with ``best/``), or ``fixed`` for ``final/`` (no selection subject)."""
+    if checkpoint != "best":
+        return fixed
+    manager = checkpoints.make_manager(model_dir, 1, subdir="best")
+    try:
+        return float(checkpoints.read_meta(manager)["postprocess"]["et_min_mm3"])
+    finally:
+        checkpoints.close(manager)
+
+
+def _scores(pred: np.ndarray, label: np.ndarray, spacing, regions) -> dict:
+    metrics = score_subject(pred, label, spacing, regions=regions)
+    out = {r: {k: float(v) for k, v in metrics[r].items()} for r in regions}
+    if set(regions) == set(REGIONS):  # the leaderboards' rules are for ET, WT, TC
+        out["ranked"] = leaderboard_lesionwise_metrics(pred, label, spacing)
+    return {**out, "et_stats": list(metrics["et_stats"])}
+
+
+def out_of_fold(model_dir: str, subjects: Sequence[Subject], settings: Mapping, checkpoint: str,
+                et_min_mm3: float, predictions: str | None = None) -> list[dict]:
+    """Per held-out subject: ``{"subject_id", <region>: metrics, "ranked", "et_stats"}`` as predicted by the fold's
+    model with ``settings`` (``overlap``, ``batch_size``, ``mirror``, ``wt_min_mm3``), the same under
+    ``"postprocessed"`` (``et_min_mm3``, ``wt_min_mm3``), and ``"true_et_removed"``: post-processing erased
+    predicted ET of a subject that has ET. The post-processed labels go to ``predictions/<id>.nii.gz``."""
     predictor = load_workdir(model_dir, checkpoint)
+    regions = predictor.label_set.internal_regions
     out = []
     for subject in progress(list(subjects), desc="cv: out-of-fold subject"):
         start = time.perf_counter()
         loaded = load_subject(subject, with_label=True)
         image = predictor.model_input(loaded)
         pred, _ = predictor.labels(image, settings["overlap"], settings["batch_size"], settings["mirror"])
-        regions = predictor.label_set.internal_regions
-        metrics = score_subject(pred, loaded.label, loaded.spacing, regions=regions)
-        out.append({"subject_id": subject.subject_id,
-                    **{r: {k: float(v) for k, v in metrics[r].items()} for r in regions},
-                    "et_stats": list(metrics["et_stats"])})
-        logging.info("cv: %s scored in %.1f s (Dice ET %.3f, WT %.3f, TC %.3f)", subject.subject_id,
-                     time.perf_counter() - start, *(metrics[r]["dice"] for r in ("ET", "WT", "TC")))
+        final = postprocess(pred, loaded.spacing, et_min_mm3, float(settings["wt_min_mm3"]))
+        if predictions:
+            write_nifti(f"{predictions}/{subject.subject_id}.nii.gz", to_dataset(final, subject.labels),
+                        loaded.affine)
+        raw = _scores(pred, loaded.label, loaded.spacing, regions)
+        processed = _scores(final, loaded.label, loaded.spacing, regions)
+        removed = bool(np.any(loaded.label == ET) and np.any(pred == ET) and not np.any(final == ET))
+        out.append({"subject_id": subject.subject_id, **raw, "postprocessed": processed,
+                    "true_et_removed": removed})
+        logging.info("cv: %s scored in %.1f s (Dice ET %.3f, WT %.3f, TC %.3f; post-processed %.3f %.3f %.3f)",
+                     subject.subject_id, time.perf_counter() - start,
+                     *(d[r]["dice"] for d in (raw, processed) for r in ("ET", "WT", "TC")))
     return out
-
-
-def pooled_postprocess(folds: Sequence[Sequence[Mapping]]) -> dict:
-    """The ET threshold tuned on the union of the folds' out-of-fold subjects (each a list of records with
-    ``et_stats``), with its mean ET Dice and the number of subjects."""
-    return tuned_postprocess([s for fold in folds for s in fold])
 
 
 def fold_metrics(per_subject: Sequence[Mapping]) -> dict[str, float]:
@@ -65,33 +91,32 @@ def summarize(per_fold: Sequence[Mapping[str, float]]) -> dict:
 
 
 def summary_markdown(summary: Mapping, workdir: str, command: str) -> str:
-    """``cv_summary.md``: per-fold and mean ± std Dice and HD95 per region, the pooled threshold, the ensemble."""
+    """``cv_summary.md``: per-fold and mean ± std Dice and HD95, as predicted and post-processed."""
     regions = [k[len("dice_"):] for k in summary["mean"] if k.startswith("dice_") and k != "dice_mean"] or REGIONS
     columns = [f"{m}_{r}" for m in SUMMARY_METRICS for r in regions]  # the label set's regions (RC for GLI 2024)
     header = " | ".join(c.replace("dice", "Dice").replace("hd95", "HD95").replace("_", " ") for c in columns)
     lines = [
         f"# Cross-validation: {len(summary['per_fold'])} folds",
         "",
-        f"Each fold's CMFT and CMFF trained without its held-out subjects; scores of each fold's CMFF `best/` on "
-        f"them (HD95 in mm). Folds under `{workdir}/fold<k>/`.",
-        "",
-        f"| fold | subjects | {header} |",
-        "|" + "---|" * (len(columns) + 2),
+        f"Each fold's CMFT and CMFF trained without its held-out subjects, its checkpoint (`{summary['checkpoint']}/`) "
+        f"and ET threshold chosen without them; their scores (HD95 in mm). Folds under `{workdir}/fold<k>/`.",
     ]
-    for k, fold in enumerate(summary["per_fold"]):
-        lines.append(f"| {k} | {fold['subjects']} | " + " | ".join(f"{fold[c]:.4f}" for c in columns) + " |")
-    mean, std = summary["mean"], summary["std"]
     subjects = sum(f["subjects"] for f in summary["per_fold"])
-    lines.append(f"| mean ± std | {subjects} | " + " | ".join(f"{mean[c]:.4f} ± {std[c]:.4f}" for c in columns)
-                 + " |")
-    pp = summary["postprocess"]
+    for title, per_fold, stats in (("as predicted", summary["per_fold"], summary),
+                                   ("post-processed with each fold's own threshold",
+                                    summary["per_fold_postprocessed"], summary["postprocessed"])):
+        lines += ["", f"{title}:", "", f"| fold | subjects | {header} |", "|" + "---|" * (len(columns) + 2)]
+        for k, fold in enumerate(per_fold):
+            lines.append(f"| {k} | {fold['subjects']} | " + " | ".join(f"{fold[c]:.4f}" for c in columns) + " |")
+        mean, std = stats["mean"], stats["std"]
+        lines.append(f"| mean ± std | {subjects} | " + " | ".join(f"{mean[c]:.4f} ± {std[c]:.4f}" for c in columns)
+                     + " |")
     lines += [
         "",
-        f"Post-processing tuned on the pooled out-of-fold predictions ({pp['subjects']} subjects): enhancing tumour "
-        f"under {pp['et_min_mm3']:g} mm³ becomes NCR/NET (mean ET Dice {pp['dice_ET']:.4f}, "
-        f"{summary['dice_ET_raw']:.4f} without it).",
+        f"Post-processing removed the predicted ET of {summary['true_et_removed']} subject(s) that have ET.",
         "",
-        "Predict with the fold ensemble (the mean of the folds' probabilities, this threshold):",
+        f"Predict with the fold ensemble (the mean of the folds' probabilities; ET under "
+        f"{summary['postprocess']['et_min_mm3']:g} mm³, the median of the folds' thresholds, becomes NCR/NET):",
         "",
         f"    {command}",
     ]
