@@ -25,7 +25,7 @@ def data_config() -> ml_collections.ConfigDict:
             # "auto": float16 memory map for z-scored data (fastest patch reads), else "blosc2" (float32,
             # lossless, the smallest); "npy": float32 memory map (the largest); sizes in docs/data.md
             "cache_storage": "auto",
-            "normalization": "zscore_brain",  # or "none"
+            "normalization": "zscore_brain",  # the paper; "zscore_clip" (brain 0.5-99.5 % clipped first) | "none"
             "require_labels": True,
             # the release's label convention (cmfl_jax.label_sets, docs/data.md): "auto" (from the file names;
             # BraTS 2024 GLI post-treatment, 4 = resection cavity, needs "brats2024_gli") | "brats2021" |

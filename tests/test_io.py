@@ -30,6 +30,22 @@ def test_zscore_brain_voxels_mean0_std1():
     np.testing.assert_allclose(stacked[0], stacked[1], atol=1e-5)  # z-score removes scale and shift
 
 
+def test_zscore_clip_clips_to_the_brains_percentiles_first():
+    """1000 brain voxels 1..1000 and one outlier of 1e6: clipped to numpy's 0.5/99.5 percentiles of those 1001 values
+    (linear interpolation: 6.0 and 996.0), then z-scored; the outlier becomes the top of the clipped range."""
+    volume = np.zeros((11, 11, 11), np.float32)
+    values = np.append(np.arange(1, 1001, dtype=np.float32), 1e6)
+    volume.flat[: values.size] = values
+    clipped = np.clip(values.astype(np.float64), 6.0, 996.0)
+    assert np.percentile(values.astype(np.float64), [0.5, 99.5]).tolist() == [6.0, 996.0]
+    expected = (clipped - clipped.mean()) / clipped.std()
+    out = preprocess_images(volume[None], "zscore_clip")[0]
+    np.testing.assert_allclose(out.flat[: values.size], expected, rtol=1e-5)
+    assert out.flat[values.size - 1] == out.flat[values.size - 5]  # 1e6 and 997 both clipped to 996
+    assert np.all(out.flat[values.size:] == 0)
+    assert np.argmax(zscore_brain(volume).flat) == values.size - 1 and zscore_brain(volume).max() > 30  # unclipped
+
+
 def test_write_read_keeps_data_affine_and_header(tmp_path):
     # NIfTI stores the affine in float32: these values are exact there, so the round trip must be exact.
     affine = np.array([[-1.25, 0, 0, 90.5], [0, -1.0, 0.015625, 126.0], [0, 0, 2.5, -72.0], [0, 0, 0, 1]])

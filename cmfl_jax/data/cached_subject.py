@@ -82,7 +82,7 @@ def check_storage(storage: str, normalization: str) -> None:
     if storage not in STORAGES:
         raise CMFLError("config.data.cache_storage", f"unknown value {storage!r}; choose one of auto, "
                         f"{', '.join(STORAGES)}")
-    if storage == "float16" and normalization != "zscore_brain":
+    if storage == "float16" and not normalization.startswith("zscore"):
         raise CMFLError("config.data.cache_storage", f"float16 holds z-scored intensities only, not normalization="
                         f"{normalization!r}; use blosc2 or npy (or auto)")
 
@@ -90,7 +90,7 @@ def check_storage(storage: str, normalization: str) -> None:
 def storage_for(setting: str, normalization: str) -> str:
     """``config.data.cache_storage``: "auto" is float16 for z-scored data and lossless blosc2 otherwise."""
     if setting == "auto":
-        return DEFAULT_STORAGE if normalization == "zscore_brain" else "blosc2"
+        return DEFAULT_STORAGE if normalization.startswith("zscore") else "blosc2"
     check_storage(setting, normalization)
     return setting
 
