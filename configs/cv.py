@@ -38,10 +38,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         del config[name]
     # How each fold's model is chosen and predicts its held-out subjects (as configs/predict.py does). Nothing is
     # chosen on them: fold 0 of inner_folds of the fold's training subjects is CMFF's validation, which picks best/
-    # and tunes the ET threshold; inner_folds <= 1: CMFF trains on them all, final/ with et_min_mm3 is scored.
-    # wt_min_mm3: tumour components under it are removed (cmfl_jax.postprocess), a fixed value.
+    # and tunes an ET threshold; inner_folds <= 1: CMFF trains on them all and final/ is scored. Post-processing
+    # (cmfl_jax.postprocess) as predict's: et_min_mm3 >= 0 fixed (0: off), -1 the tuned one (500 mm³ without);
+    # tumour components under wt_min_mm3 removed.
     config.oof = ml_collections.ConfigDict({"overlap": 0.5, "batch_size": 1, "mirror": False, "inner_folds": 4,
-                                           "et_min_mm3": 0.0, "wt_min_mm3": 0.0})
+                                           "et_min_mm3": -1.0, "wt_min_mm3": 0.0})
     if variant == "smoke":
         config.data.split.folds = 2  # 4 subjects: 2 held out per fold
         config.oof.inner_folds = 2  # of a fold's 2 training subjects, 1 trains and 1 selects

@@ -1,31 +1,20 @@
-"""What each addition beyond the paper's recipe does on held-out subjects: one table per built-in data set.
+"""Recipes compared out of fold on any data root: k-fold cross-validation of each arm, one table per case.
 
-Rows, each scored on the same held-out fold (the demo's split: 5 folds of the data set's 20 subjects, fold 0):
+    python -m experiments.quality --data ../shared/data/brats18_train --folds 4 --arms paper chosen torch
+        [--workdir runs/real] [--out experiments/results/real_cv.md] [--overlays docs/images/real]
 
-1. **the paper's recipe**: CMFT, then CMFF with the 4-class softmax, no post-processing;
-2. **+ post-processing**: the same model; enhancing tumour below the threshold CMFF's validation tuned becomes
-   NCR/NET (``config.postprocess``);
-3. **+ regions**: CMFF from the same CMFT with WT/TC/ET sigmoid outputs (``model.output=regions``), post-processed;
-4. **+ augmentation**: 3 with ``data.augment.preset=nnunet`` for CMFF's patches, post-processed;
-5. **fold ensemble**: ``configs/cv.py`` with recipe 4 over the training subjects only (``--folds`` folds, each
-   CMFT and CMFF without its fold), its models' mean probabilities, the threshold tuned on the pooled
-   out-of-fold predictions.
-
-Every run uses the demo's CPU budget (``configs/demo.py``: 96x96x64 subjects, 32^3 patches, U-Net base 8,
-depth 3, CMFT 150 and CMFF 600 steps, CMFF Adam 1e-3 with Dice + CE, half the patch centres in the tumour).
-Data sets: ``demo`` (the demo's: seed 0, 25 % LGG-like subjects) and ``lgg50`` (seed 1, half the subjects
-LGG-like: more subjects without enhancing tumour, where a few false ET voxels cost ET Dice 0 and HD95 373).
-
-Each run is a stage folder reused when finished (a stopped command resumes where it stopped):
-
-    .venv/bin/python -m experiments.quality --datasets demo lgg50 [--workdir runs/quality] [--folds 3]
-        [--out experiments/results/quality.md]
+Each JAX arm is one ``configs/cv.py`` run (:mod:`cmfl_jax.jobs.cv`): for every fold, CMFT and CMFF train without
+its held-out subjects, and the checkpoint and the ET threshold are chosen on an inner split of the training
+subjects, so no scored subject reaches a choice. Every arm has the same budget in steps (:data:`BUDGET`). The
+``torch`` arm (``experiments/torch_train.py``: the U-Net twin, MONAI's window and Dice + CE) trains on the same
+folds' training subjects for the wall-clock seconds the ``paper`` arm's CMFT + CMFF took on that fold, and is scored by
+``configs/evaluate.py``. Finished folds are reused, so a stopped command resumes. The recipe to make the default is
+the arm with the best out-of-fold mean Dice.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
 import datetime
 import json
@@ -35,150 +24,158 @@ import time
 
 import numpy as np
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-
-from cmfl_jax.config_variants import load_config, override  # noqa: E402
+from cmfl_jax.config_variants import load_config, override
 
 REGIONS = ("ET", "WT", "TC")
-DATASETS = {"demo": {"seed": 0, "lgg_fraction": 0.25}, "lgg50": {"seed": 1, "lgg_fraction": 0.5}}
-# row -> (label, CMFF overrides, post-processing: 0 off, -1 the tuned threshold)
-ROWS = {
-    "paper": ("the paper's recipe (4 classes, softmax)", {}, 0.0),
-    "postprocess": ("+ post-processing", {}, -1.0),
-    "regions": ("+ regions (WT/TC/ET sigmoids)", {"model.output": "regions"}, -1.0),
-    "augment": ("+ augmentation (nnunet preset)", {"model.output": "regions", "data.augment.preset": "nnunet"}, -1.0),
+# The per-fold budget of every JAX arm: CMFT and CMFF steps at the :cpu sizes (64^3 patches, U-Net base 8, depth 3).
+BUDGET = {"cmft.train.steps": 50, "cmff.train.steps": 200, "cmff.val.every": 100}
+COMMON = {"data.patch_size": (64, 64, 64), "cmft.train.save_every": 25, "cmft.train.preview_every": 0,
+          "cmff.train.save_every": 100, "cmff.train.preview_every": 0}
+ARMS = {  # name -> (label, overrides of configs/cv.py beyond COMMON and BUDGET)
+    "paper": ("the paper's recipe (:cpu sizes; 4-class softmax, tumour patches, no post-processing)",
+              {"data.tumour_prob": 1.0, "oof.et_min_mm3": 0.0}),
+    "chosen": ("chosen: half the patch centres anywhere in the brain, clipped z-score, the ET threshold tuned on "
+               "the inner split, tumour components < 100 mm³ removed",
+               {"data.tumour_prob": 0.5, "data.normalization": "zscore_clip", "oof.et_min_mm3": -1.0,
+                "oof.wt_min_mm3": 100.0}),
 }
-MARKER = "quality_stage.json"
+TORCH = ("torch", "PyTorch/MONAI U-Net twin (Dice + CE, MONAI window), the paper arm's seconds per fold")
+REFERENCE = "paper"  # the arm whose folds (splits, seconds) the torch arm copies
 
 
 def log(message: str) -> None:
     print(f"[quality {datetime.datetime.now():%H:%M:%S}] {message}", flush=True)
 
 
-def config_file(name: str, arg: str | None = None):
-    return load_config(os.path.join(REPO, "configs", f"{name}.py:{arg or ''}"))
-
-
-def dataset_config(name: str, smoke: bool = False):
-    """The demo's default config (``:smoke`` with ``smoke``) on data set ``name``."""
-    config = config_file("demo", "smoke" if smoke else None)
-    config.data.synthetic.seed = DATASETS[name]["seed"]
-    config.data.synthetic.lgg_fraction = DATASETS[name]["lgg_fraction"]
+def cv_config(data: str, folds: int, overrides: dict):
+    config = load_config("configs/cv.py")
+    override(config, {"data.root": os.path.abspath(data), "data.split.folds": folds, **COMMON, **BUDGET, **overrides})
     return config
 
 
-def train_models(name: str, base: str, folds: int, smoke: bool = False) -> tuple[dict[str, str], dict, list]:
-    """Train (or reuse) every model of data set ``name`` under ``base``; (row -> model dir, paths, held-out)."""
-    from cmfl_jax.jobs import demo
-    from cmfl_jax.stage_runner import run_stage, run_stages
-
-    config = dataset_config(name, smoke)
-    _, held_out, paths = demo.write_split(config, base)
-    split = open(paths["split"]).read()
-    stages = demo.stage_configs(config, base, paths)
-    models = {}
-    for row, (label, overrides, _) in ROWS.items():
-        folder = os.path.join(base, "paper" if row == "postprocess" else row)
-        models[row] = os.path.join(folder, "cmff")
-        if row == "postprocess":
-            continue
-        todo = {"cmft": stages["cmft"], "cmff": copy.deepcopy(stages["cmff"])} if row == "paper" else \
-            {"cmff": copy.deepcopy(stages["cmff"])}
-        todo["cmff"].init.cmft_workdir = os.path.join(base, "paper", "cmft")
-        override(todo["cmff"], overrides)
-        log(f"{name}: {label}")
-        if run_stages(todo, folder, split, marker=MARKER, who=f"quality {name} {row}") is None:
-            raise SystemExit(f"{folder}: stopped before its last step; run the same command to resume")
-    cv = config_file("cv", "smoke" if smoke else None)
-    cv.seed = config.seed
-    cv.data.root = paths["train"]  # the training subjects only: the held-out fold stays unseen
-    cv.data.split.folds = folds
-    override(cv, ROWS["augment"][1])
-    folder = os.path.join(base, "ensemble")
-    if not os.path.isfile(os.path.join(folder, "cv_summary.json")):
-        log(f"{name}: fold ensemble, {folds} folds of the training subjects")
-        run_stage("cv", cv, folder)
-    models["ensemble"] = folder
-    return models, paths, held_out
-
-
-def score(model_dir: str, postprocess: float, paths: dict, folder: str) -> list[dict]:
-    """Predict the held-out subjects with ``model_dir`` and evaluate; the per-subject rows."""
+def run_arm(name: str, data: str, folds: int, workdir: str) -> list[dict]:
+    """The arm's out-of-fold rows (one per subject, post-processed as the arm says), running what is missing."""
     from cmfl_jax.stage_runner import run_stage
 
-    predict = config_file("predict")
-    predict.model_dir = model_dir
-    predict.data.root = paths["validation"]
-    predict.postprocess.et_min_mm3 = postprocess
-    run_stage("predict", predict, os.path.join(folder, "predict"))
-    evaluate = config_file("evaluate")
-    evaluate.data.root = paths["validation"]
-    evaluate.predictions = os.path.join(folder, "predict", "predictions")
-    run_stage("evaluate", evaluate, os.path.join(folder, "evaluate"))
-    with open(os.path.join(folder, "evaluate", "evaluation_per_subject.csv")) as f:
-        return [{k: (v if k == "subject_id" else float(v)) for k, v in r.items()} for r in csv.DictReader(f)]
+    folder = os.path.join(workdir, name)
+    if not os.path.isfile(os.path.join(folder, "cv_summary.json")):
+        log(f"{name}: {folds}-fold cross-validation -> {folder}")
+        run_stage("cv", cv_config(data, folds, ARMS[name][1]), folder)
+    rows = []
+    for k in range(folds):
+        record = json.load(open(os.path.join(folder, f"fold{k}", "validation.json")))
+        for s in record["subjects"]:
+            post = s["postprocessed"]
+            rows.append({"subject_id": s["subject_id"], "fold": k, **_flat(post),
+                         "true_et_removed": s["true_et_removed"], "seconds": _training_seconds(folder, k)})
+    return rows
 
 
-def without_et(held_out: list) -> set[str]:
-    """Ids of the held-out subjects whose label map has no enhancing tumour."""
-    from cmfl_jax.data.io import read_nifti
+def _flat(scores: dict) -> dict:
+    out = {f"{m}_{r}": scores[r][m] for r in REGIONS for m in ("dice", "hd95")}
+    out.update({f"ranked_{m}_{r}": scores["ranked"][r][f"lesionwise_{m}"] for r in REGIONS for m in ("dice", "hd95")})
+    return out
 
-    return {s.subject_id for s in held_out if not np.any(read_nifti(s.label)[0] == s.et_label)}
+
+def _training_seconds(arm_folder: str, k: int) -> float:
+    """CMFT + CMFF wall time of fold k (their stage markers), compilation and CMFF's validations included."""
+    return sum(json.load(open(os.path.join(arm_folder, f"fold{k}", stage, "cv_stage.json")))["seconds"]
+               for stage in ("cmft", "cmff"))
 
 
-def table(results: dict[str, list[dict]], no_et: set[str]) -> str:
-    head = ("| recipe | Dice ET | Dice WT | Dice TC | HD95 ET | HD95 WT | HD95 TC | "
-            f"subjects without ET scored Dice 0 (of {len(no_et)}) |")
-    lines = [head, "|---|" + "---:|" * 7]
-    for row, rows in results.items():
-        label = ROWS[row][0] if row in ROWS else "fold ensemble (+ augmentation recipe)"
-        dice = [np.mean([r[f"dice_{k}"] for r in rows]) for k in REGIONS]
-        hd = [np.mean([r[f"hd95_{k}"] for r in rows]) for k in REGIONS]
-        lost = sum(r["dice_ET"] == 0.0 for r in rows if r["subject_id"] in no_et)
-        lines.append(f"| {label} | " + " | ".join(f"{v:.3f}" for v in dice) + " | " +
-                     " | ".join(f"{v:.1f}" for v in hd) + f" | {lost} |")
+def run_torch(data: str, folds: int, workdir: str) -> list[dict]:
+    """The torch twin on the reference arm's folds and seconds, scored by the evaluate job."""
+    from cmfl_jax.stage_runner import run_stage
+    from experiments import torch_train
+
+    rows, reference = [], os.path.join(workdir, REFERENCE)
+    for k in range(folds):
+        fold = os.path.join(reference, f"fold{k}")
+        seconds = _training_seconds(reference, k)
+        out = os.path.join(workdir, "torch", f"fold{k}")
+        config = cv_config(data, folds, ARMS[REFERENCE][1]).cmff
+        config.data = cv_config(data, folds, ARMS[REFERENCE][1]).data
+        log(f"torch fold {k}: {seconds:.0f} s of training -> {out}")
+        torch_train.train_and_predict(config, os.path.join(fold, "split.json"), out, seconds=seconds)
+        evaluate = load_config("configs/evaluate.py")
+        evaluate.data.root = os.path.join(fold, "validation.csv")
+        evaluate.predictions = os.path.join(out, "predictions")
+        if not os.path.isfile(os.path.join(out, "evaluate", "evaluation_per_subject.csv")):
+            run_stage("evaluate", evaluate, os.path.join(out, "evaluate"))
+        with open(os.path.join(out, "evaluate", "evaluation_per_subject.csv")) as f:
+            for r in csv.DictReader(f):
+                rows.append({"subject_id": r["subject_id"], "fold": k, "seconds": seconds, "true_et_removed": False,
+                             **{c: float(r[c]) for c in r if c.startswith(("dice_", "hd95_", "ranked_"))}})
+    return rows
+
+
+def tables(results: dict[str, list[dict]], labels: dict[str, str]) -> str:
+    """Means per arm (legacy and lesion-wise), then Dice and HD95 per case and arm."""
+    arms = list(results)
+    head = "| arm | " + " | ".join(f"Dice {r}" for r in REGIONS) + " | mean Dice | " + \
+        " | ".join(f"HD95 {r}" for r in REGIONS) + " | " + " | ".join(f"lesion-wise Dice {r}" for r in REGIONS) + \
+        " | lesion-wise HD95 (mean) | training s/fold | true ETs erased |"
+    lines = [head, "|---|" + "---:|" * 12]
+    for arm in arms:
+        rows = results[arm]
+        mean = {c: np.mean([r[c] for r in rows]) for c in rows[0] if c.startswith(("dice_", "hd95_", "ranked_"))}
+        seconds = np.mean(sorted({(r["fold"], r["seconds"]) for r in rows}), axis=0)[1]
+        lines.append(f"| {labels[arm]} | " + " | ".join(f"{mean[f'dice_{r}']:.3f}" for r in REGIONS) +
+                     f" | **{np.mean([mean[f'dice_{r}'] for r in REGIONS]):.3f}** | " +
+                     " | ".join(f"{mean[f'hd95_{r}']:.1f}" for r in REGIONS) + " | " +
+                     " | ".join(f"{mean[f'ranked_dice_{r}']:.3f}" for r in REGIONS) +
+                     f" | {np.mean([mean[f'ranked_hd95_{r}'] for r in REGIONS]):.1f} | {seconds:.0f} | "
+                     f"{sum(r['true_et_removed'] for r in rows)} |")
+    cases = sorted({r["subject_id"] for r in results[arms[0]]})
+    lines += ["", "Per case (Dice ET / WT / TC, HD95 ET / WT / TC in mm):", "",
+              "| case | fold | " + " | ".join(arms) + " |", "|---|---:|" + "---|" * len(arms)]
+    for case in cases:
+        cells = []
+        for arm in arms:
+            r = next(x for x in results[arm] if x["subject_id"] == case)
+            cells.append(" / ".join(f"{r[f'dice_{g}']:.2f}" for g in REGIONS) + "; " +
+                         " / ".join(f"{r[f'hd95_{g}']:.0f}" for g in REGIONS))
+        fold = next(x["fold"] for x in results[arms[0]] if x["subject_id"] == case)
+        lines.append(f"| {case} | {fold} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
-    parser.add_argument("--workdir", default=os.path.join("runs", "quality"))
-    parser.add_argument("--folds", type=int, default=3, help="folds of the training subjects for the ensemble")
-    parser.add_argument("--out", default=os.path.join("experiments", "results", "quality.md"))
-    parser.add_argument("--smoke", action="store_true", help="the demo's :smoke sizes (seconds per run; a check)")
+    parser.add_argument("--data", required=True, help="a folder of BraTS subjects (or a CSV of the explicit layout)")
+    parser.add_argument("--folds", type=int, default=4)
+    parser.add_argument("--arms", nargs="+", default=[*ARMS, TORCH[0]], choices=[*ARMS, TORCH[0]])
+    parser.add_argument("--workdir", default=os.path.join("runs", "real"))
+    parser.add_argument("--out", default=os.path.join("experiments", "results", "real_cv.md"))
+    parser.add_argument("--overlays", default="", help="a folder for one PNG per held-out case (axial, FLAIR)")
     args = parser.parse_args(argv)
     from experiments.ablations import _setup
+    from experiments.quality_overlays import save_overlays
 
     _setup()  # as cmfl_jax.main does for a job: INFO logs on stdout, the persistent compilation cache
+    start = time.perf_counter()
     command = " ".join(["python -m experiments.quality", *(argv if argv is not None else sys.argv[1:])])
-    sections, record = [], {"command": command, "date": datetime.datetime.now().isoformat(timespec="seconds")}
-    for name in args.datasets:
-        start = time.perf_counter()
-        base = os.path.join(args.workdir, name)
-        models, paths, held_out = train_models(name, base, args.folds, args.smoke)
-        results = {row: score(models[row], ROWS[row][2] if row in ROWS else -1.0, paths,
-                              os.path.join(base, "scores", row)) for row in models}
-        no_et = without_et(held_out)
-        text = table(results, no_et)
-        minutes = (time.perf_counter() - start) / 60
-        d = DATASETS[name]
-        sections.append(f"## `{name}`: seed {d['seed']}, {d['lgg_fraction']:.0%} LGG-like subjects; "
-                        f"{len(held_out)} held-out subjects ({len(no_et)} without ET)\n\n{text}\n\n"
-                        f"({minutes:.0f} min for this data set in this invocation, finished runs reused)")
-        record[name] = {"results": results, "without_et": sorted(no_et), "minutes": minutes}
-        log(f"{name}:\n{text}")
+    results, labels = {}, {**{a: ARMS[a][0] for a in ARMS}, TORCH[0]: TORCH[1]}
+    for arm in args.arms:
+        results[arm] = run_torch(args.data, args.folds, args.workdir) if arm == TORCH[0] else \
+            run_arm(arm, args.data, args.folds, args.workdir)
+    text = tables(results, labels)
+    minutes = (time.perf_counter() - start) / 60
     with open("/proc/loadavg") as f:
         load = " ".join(f.read().split()[:3])
-    header = (f"# Quality beyond the paper's recipe, on held-out subjects\n\nMeans over the held-out subjects "
-              f"(BraTS rules: an empty prediction of an empty region scores Dice 1, HD95 0; one empty, Dice 0, "
-              f"HD95 373.13). Command: `{command}` ({os.cpu_count()} CPUs, load average {load} at the end).\n")
+    budget = ", ".join(f"{k}={v}" for k, v in BUDGET.items())
+    header = (f"# Out-of-fold quality, {args.folds} folds of `{args.data}`\n\nCommand: `{command}` ({os.cpu_count()} "
+              f"CPUs, load average {load} at the end; {minutes:.0f} min in this invocation, finished folds reused). "
+              f"Budget per fold of every JAX arm: {budget}. Legacy BraTS rules (an empty prediction of an empty "
+              f"region: Dice 1, HD95 0; one empty: Dice 0, HD95 373.13); lesion-wise: the 2023-2024 leaderboards'.\n")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
-        f.write(header + "\n" + "\n\n".join(sections) + "\n")
+        f.write(header + "\n" + text + "\n")
     with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
-        json.dump(record, f, indent=1)
+        json.dump({"command": command, "results": results, "labels": labels}, f, indent=1)
+    if args.overlays:
+        save_overlays(args.data, args.workdir, args.arms, args.overlays)
+    log(text)
     return 0
 
 

@@ -5,12 +5,12 @@ For each fold k of ``config.data.split.folds``: the split of fold k is written i
 are split again (``config.oof.inner_folds``) into ``<workdir>/fold<k>/select/``, and CMFT and CMFF run on that
 split as the demo runs them (:mod:`cmfl_jax.stage_runner`), so CMFF's validation, which picks ``best/`` and tunes the
 ET threshold, sees only training subjects of fold k. ``inner_folds`` <= 1: CMFF trains on all of them without
-validation, and ``final/`` with the fixed ``config.oof.et_min_mm3`` is scored. Then that model predicts the held-out
-subjects (``fold<k>/predictions/``, raw labels) and ``fold<k>/validation.json`` keeps their metrics, raw and
-post-processed with the fold's own threshold (:mod:`cmfl_jax.training.cross_validation`). ``validation.json`` is
-written last: a fold with one whose config and split are this run's is skipped on a re-run. The end:
-``cv_summary.json`` and ``cv_summary.md`` (per-fold and mean ± std, the ensemble's threshold: the median of the
-folds' own, and its predict command).
+validation, and ``final/`` is scored. Then that model predicts the held-out subjects, and
+``fold<k>/validation.json`` keeps their metrics as predicted and post-processed as ``config.oof`` says (by default
+with the fold's own tuned threshold; the labels in ``fold<k>/predictions/``), by
+:mod:`cmfl_jax.training.cross_validation`. ``validation.json`` is written last: a fold with one whose config and split
+are this run's is skipped on a re-run. The end: ``cv_summary.json`` and ``cv_summary.md`` (per-fold and mean ± std,
+the ensemble's threshold: the median of the folds' own, and its predict command).
 """
 
 from __future__ import annotations

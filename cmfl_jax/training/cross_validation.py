@@ -22,23 +22,25 @@ from cmfl_jax.inference.predictor import load_workdir
 from cmfl_jax.label_sets import to_dataset
 from cmfl_jax.lesion_metrics import leaderboard_lesionwise_metrics
 from cmfl_jax.metrics import REGIONS
-from cmfl_jax.postprocess import ET, postprocess
+from cmfl_jax.postprocess import ET, postprocess, resolve_et_threshold
 from cmfl_jax.progress import progress
 from cmfl_jax.training.validation import score_subject, validation_summary
 
 SUMMARY_METRICS = ("dice", "hd95")  # per region in the summary's table
 
 
-def fold_threshold(model_dir: str, checkpoint: str, fixed: float) -> float:
-    """The ET threshold of a fold's held-out subjects: the one CMFF's validation tuned on the fold's selection
-    subjects (kept with ``best/``), or ``fixed`` for ``final/`` (no selection subject)."""
-    if checkpoint != "best":
-        return fixed
-    manager = checkpoints.make_manager(model_dir, 1, subdir="best")
-    try:
-        return float(checkpoints.read_meta(manager)["postprocess"]["et_min_mm3"])
-    finally:
-        checkpoints.close(manager)
+def fold_threshold(model_dir: str, checkpoint: str, configured: float) -> float:
+    """The ET threshold of a fold's held-out subjects, as ``predict`` resolves ``postprocess.et_min_mm3``:
+    ``configured`` when >= 0 (0: off), else the one CMFF's validation tuned on the fold's selection subjects (kept
+    with ``best/``), else (``final/``, no selection subject) the default."""
+    tuned = None
+    if configured < 0 and checkpoint == "best":
+        manager = checkpoints.make_manager(model_dir, 1, subdir="best")
+        try:
+            tuned = checkpoints.read_meta(manager)["postprocess"]["et_min_mm3"]
+        finally:
+            checkpoints.close(manager)
+    return resolve_et_threshold(configured, tuned)
 
 
 def _scores(pred: np.ndarray, label: np.ndarray, spacing, regions) -> dict:
