@@ -207,3 +207,40 @@ def test_where_is_checked_and_device_needs_linear_interpolation():
     assert e.value.where == "config.data.augment.image_order"
     assert dev.device_augmentation(loop_config({"preset": "none"})) is None  # nothing drawn: nothing to apply
     assert dev.device_augmentation(loop_config({"preset": "nnunet"})).radius == 4  # int(4 * 1.0 + 0.5)
+
+
+@pytest.mark.slow
+def test_a_device_augmented_run_is_deterministic_and_resumes_exactly(tmp_path, monkeypatch):
+    """A tiny CMFF with the nnU-Net preset on the device (patch 16^3): 6 steps straight, and 3 steps then a resume to 6, give
+    bit-equal logged losses and final params (steps 1-3 are two identical runs; 4-6 the resumed iterator and
+    states); the device function ran on every batch."""
+    from flax import traverse_util
+
+    from cmfl_jax.jobs.cmff import train as train_cmff
+
+    from .test_cmff_train import tiny_cmff_config
+    from .test_determinism import metric_lines
+
+    write_tiny_dataset(tmp_path / "data", n=3)
+    monkeypatch.setenv("CMFL_JAX_CACHE", str(tmp_path / "cache"))
+    calls = []
+    inner = dev.DeviceAugment.__call__
+    monkeypatch.setattr(dev.DeviceAugment, "__call__",
+                        lambda self, b, m: calls.append(b["image"].shape[1]) or inner(self, b, m))
+    common = {"init.mode": "random", "data.split.folds": 1, "train.save_every": 3, "data.augment.preset": "nnunet",
+              "data.augment.p_rotate": 0.5, "data.augment.where": "device"}
+
+    def run(workdir, steps):
+        states = train_cmff(tiny_cmff_config(tmp_path / "data", steps=steps, **common), str(workdir))
+        return traverse_util.flatten_dict(jax.device_get(states["seg"].params), sep="/")
+
+    straight = run(tmp_path / "straight", 6)
+    assert len(calls) == 6 and {16, 39} <= set(calls)  # patches and windows (20^3 volumes: 2 * 20 - 1)
+    run(tmp_path / "resumed", 3)
+    resumed = run(tmp_path / "resumed", 6)
+    assert len(calls) == 12
+    for key in straight:
+        np.testing.assert_array_equal(resumed[key], straight[key], err_msg=key)
+    losses = [(x["step"], x["train/loss"]) for x in metric_lines(tmp_path / "straight") if "train/loss" in x]
+    assert [s for s, _ in losses] == [1, 2, 3, 4, 5, 6]
+    assert losses == [(x["step"], x["train/loss"]) for x in metric_lines(tmp_path / "resumed") if "train/loss" in x]
