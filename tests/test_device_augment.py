@@ -29,7 +29,15 @@ from cmfl_jax import sharding
 from cmfl_jax.data import device_augment as dev
 from cmfl_jax.data.augment import Augment, affine_matrix, apply_voxelwise, resolve_augment, turned_patch
 from cmfl_jax.data.cache import build_cache
-from cmfl_jax.data.device_inputs import largest_reach, packed, rotations, stack_patches, window_shape
+from cmfl_jax.data.device_inputs import (
+    largest_reach,
+    packed,
+    rotations,
+    stack_patches,
+    window_reach,
+    window_shape,
+    window_start,
+)
 from cmfl_jax.data.layouts import discover
 from cmfl_jax.data.pipeline import crop_centered, patch_dataset
 from cmfl_jax.errors import CMFLError
@@ -43,13 +51,14 @@ TURNS = [((25, -17, 30), 0.75), ((-30, 30, -30), 0.7), ((10, 0, -5), 1.4), ((0, 
 SETTINGS = Augment(p_rotate=1.0, p_scale=1.0, max_rotate_deg=30.0, scale_range=(0.7, 1.4))
 
 
-def resample_on_device(volume, centre, matrix, order_label=None):
-    """The device's resample of the window the host ships for ``SETTINGS``."""
-    window = window_shape(SETTINGS, PATCH)
-    image = crop_centered(volume, centre, window)
-    label = None if order_label is None else crop_centered(order_label, centre, window)
-    out = jax.jit(lambda i, lb, m: dev.resample(i, lb, m, PATCH))(image, label, jnp.asarray(matrix, jnp.float32))
-    return jax.device_get(out)
+def resample_on_device(volume, centre, matrix, label=None, extent=None):
+    """The device's resample of the window the host ships for ``SETTINGS`` (at most ``extent``)."""
+    window = np.array(window_shape(SETTINGS, PATCH, extent))
+    start = window_start(centre, window_reach(SETTINGS, PATCH), window, volume.shape)
+    image = crop_centered(volume, start + window // 2, window)
+    label = None if label is None else crop_centered(label, start + window // 2, window)
+    resample = jax.jit(lambda i, lb, m, o: dev.resample(i, lb, m, o, PATCH))
+    return jax.device_get(resample(image, label, jnp.asarray(matrix, jnp.float32), np.asarray(centre) - start))
 
 
 def test_rotations_are_affine_matrix_and_the_window_holds_every_draw():
@@ -58,21 +67,34 @@ def test_rotations_are_affine_matrix_and_the_window_holds_every_draw():
     reach = largest_reach(30.0, (8, 8, 8))
     assert np.all(np.abs(rotations(angles)) @ np.full(3, 8.0) <= reach[None] + 1e-9)
     assert np.all(reach <= 8 * np.sqrt(3)) and np.all(reach > 8 * 1.3)  # tighter than the sphere, wider than a box
-    window = np.array(window_shape(SETTINGS, PATCH))
+    reach = window_reach(SETTINGS, PATCH)
     for a in angles:  # every point read and its linear neighbour, at the smallest scale
-        assert np.all(np.abs(affine_matrix(a, 0.7)) @ (np.array(PATCH) // 2) + 1 <= window // 2)
-    assert window_shape(Augment(p_mirror=1.0), PATCH) == (21, 21, 21)  # 2 * (8 + a rounding voxel + 1) + 1
+        assert np.all(np.abs(affine_matrix(a, 0.7)) @ (np.array(PATCH) // 2) + 1 <= reach)
+    assert window_shape(SETTINGS, PATCH) == tuple(2 * reach + 1)
+    assert window_reach(Augment(p_mirror=1.0), PATCH).tolist() == [10, 10, 10]  # 8 + a rounding voxel + 1
     assert window_shape(Augment(p_mirror=1.0), PATCH, extent=(5, 5, 5)) == (17, 17, 17)  # never the patch's shape
-    assert window_shape(SETTINGS, (64,) * 3, extent=(40, 200, 200))[0] == 79  # a window holding any 40 voxels
+    assert window_shape(SETTINGS, (64,) * 3, extent=(70, 200, 90)) == (70, 161, 90)  # at most the largest volume
+
+
+@pytest.mark.parametrize("centre,start", [((20, 22, 19), (11, 13, 8)), ((1, 40, 3), (0, 25, 0)),
+                                          ((15, 5, 10), (6, 0, 1))])
+def test_a_window_is_moved_inside_the_volume_and_holds_all_the_reach_has(centre, start):
+    """Reach 9 either way in a (40, 44, 38) volume, windows of 19, 19 and (wider than the reach) 30: centre - 9
+    where that fits, else moved inside (start 0, or the volume's end - the window)."""
+    got = window_start(centre, (9, 9, 9), (19, 19, 30), (40, 44, 38))
+    assert tuple(got) == start
+    for c, s, n, w in zip(centre, got, (40, 44, 38), (19, 19, 30), strict=True):
+        assert s <= max(c - 9, 0) and min(c + 9, n - 1) < s + w
 
 
 @pytest.mark.parametrize("angles,scale", TURNS)
 @pytest.mark.parametrize("centre", [(20, 22, 19), (1, 40, 3)])  # inside; at the edge (zeros beyond the volume)
-def test_linear_resample_is_scipys_up_to_float32_coordinates(angles, scale, centre):
+@pytest.mark.parametrize("extent", [None, (40, 44, 38)])  # the window of the reach; clipped to the volume
+def test_linear_resample_is_scipys_up_to_float32_coordinates(angles, scale, centre, extent):
     volume = np.random.default_rng(1).normal(size=(40, 44, 38, 2)).astype(np.float32) + 1
     matrix = affine_matrix(angles, scale)
     expected = turned_patch(volume, centre, matrix, PATCH, 1)
-    got, _ = resample_on_device(volume, centre, matrix)
+    got, _ = resample_on_device(volume, centre, matrix, extent=extent)
     neighbours = sum(np.abs(np.diff(volume, axis=a)).max() for a in range(3))
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * neighbours)
     assert np.abs(got - expected).max() < 3e-5 and np.abs(expected).max() > 1
@@ -83,7 +105,7 @@ def test_nearest_label_is_scipys_but_at_half_voxel_ties(angles, scale):
     label = np.random.default_rng(2).choice(np.array([0, 1, 2, 4], np.uint8), size=(40, 44, 38))
     centre, matrix = np.array([20, 22, 19]), affine_matrix(angles, scale)
     expected = turned_patch(label, centre, matrix, PATCH, 0)
-    _, got = resample_on_device(label[..., None].astype(np.float32), centre, matrix, order_label=label)
+    _, got = resample_on_device(label[..., None].astype(np.float32), centre, matrix, label=label)
     offsets = np.stack(np.meshgrid(*[np.arange(p) - p // 2 for p in PATCH], indexing="ij"), -1)
     where = offsets @ matrix.T  # float64, as scipy's
     near_tie = np.any(np.abs(np.abs(where - np.floor(where)) - 0.5) < 1e-4, axis=-1)
@@ -98,13 +120,14 @@ def test_a_window_without_a_resample_gives_back_the_padded_patch_exactly():
              "augment": packed({}, 2)}
     window = window_shape(SETTINGS, PATCH)
     turned = {"image": np.ones((*window, 2), np.float32), "label": np.ones(window, np.uint8),
-              "augment": packed({"matrix": affine_matrix((10, 0, 0))}, 2)}
+              "augment": packed({"matrix": affine_matrix((10, 0, 0))}, 2, origin=np.array(window) // 2)}
     batch = stack_patches([patch, turned], window)
     assert batch["image"].shape == (2, *window, 2) and batch["augment"]["on"][:, 0].tolist() == [False, True]
     out = jax.jit(lambda b: dev.augment_batch(b, patch=PATCH, radius=0))(batch)
     np.testing.assert_array_equal(out["image"][0], patch["image"])
     np.testing.assert_array_equal(out["label"][0], patch["label"])
-    np.testing.assert_array_equal(out["label"][1][4:-4, 4:-4, 4:-4], 1)  # turned inside a window of ones
+    np.testing.assert_array_equal(out["label"][1], 1)  # turned inside a window of ones: all of it read there
+    np.testing.assert_allclose(out["image"][1], 1.0, rtol=1e-6)
 
 
 def brain_patch(seed=4):
@@ -186,7 +209,7 @@ def test_the_device_stream_is_the_host_stream_augmented_on_the_device(subjects):
         assert close.mean() > 0.999, close.mean()  # the rest: brain-mask edges moved by a rounding (then +shift)
         assert (got["label"] != h["label"]).mean() <= 0.005
         mixes.add(tuple(s["augment"]["on"][:, 0]))
-    assert shapes == {PATCH[0], 39} and (True, False) in mixes  # plain batches, windows (20^3 volumes: 2 * 20 - 1)
+    assert shapes == {PATCH[0], 20} and (True, False) in mixes  # plain batches, windows (the 20^3 volumes)
 
 
 def loop_config(augment):
@@ -211,9 +234,9 @@ def test_where_is_checked_and_device_needs_linear_interpolation():
 
 @pytest.mark.slow
 def test_a_device_augmented_run_is_deterministic_and_resumes_exactly(tmp_path, monkeypatch):
-    """A tiny CMFF with the nnU-Net preset on the device (patch 16^3): 6 steps straight, and 3 steps then a resume to 6, give
-    bit-equal logged losses and final params (steps 1-3 are two identical runs; 4-6 the resumed iterator and
-    states); the device function ran on every batch."""
+    """A tiny CMFF with the nnU-Net preset on the device (patch 16^3): 6 steps straight, and 3 steps then a resume
+    to 6, give bit-equal logged losses and final params (steps 1-3 are two identical runs; 4-6 the resumed
+    iterator and states); the device function ran on every batch."""
     from flax import traverse_util
 
     from cmfl_jax.jobs.cmff import train as train_cmff
@@ -235,7 +258,7 @@ def test_a_device_augmented_run_is_deterministic_and_resumes_exactly(tmp_path, m
         return traverse_util.flatten_dict(jax.device_get(states["seg"].params), sep="/")
 
     straight = run(tmp_path / "straight", 6)
-    assert len(calls) == 6 and {16, 39} <= set(calls)  # patches and windows (20^3 volumes: 2 * 20 - 1)
+    assert len(calls) == 6 and {16, 20} <= set(calls)  # patches and windows (the 20^3 volumes)
     run(tmp_path / "resumed", 3)
     resumed = run(tmp_path / "resumed", 6)
     assert len(calls) == 12

@@ -36,22 +36,25 @@ from cmfl_jax.sharding import DATA_AXIS
 MATRIX, INTENSITY, GAMMA, NOISE, BLUR = (FLAGS.index(k) for k in ("matrix", "intensity", "gamma", "noise", "blur"))
 
 
-def coordinates(matrix: jax.Array, window: Sequence[int], patch: Sequence[int]) -> list[jax.Array]:
-    """Where each patch voxel ``o`` reads the window: ``window // 2 + matrix @ (o - patch // 2)`` (float32)."""
+def coordinates(matrix: jax.Array, origin: jax.Array, patch: Sequence[int]) -> list[jax.Array]:
+    """Where each patch voxel ``o`` reads the window: ``origin + matrix @ (o - patch // 2)`` (float32)."""
     offsets = jnp.meshgrid(*[jnp.arange(p, dtype=jnp.float32) - p // 2 for p in patch], indexing="ij")
-    return [w // 2 + sum(matrix[i, j] * offsets[j] for j in range(3)) for i, w in enumerate(window)]
+    origin = origin.astype(jnp.float32)
+    return [origin[i] + sum(matrix[i, j] * offsets[j] for j in range(3)) for i in range(3)]
 
 
-def resample(image: jax.Array, label: jax.Array | None, matrix: jax.Array, patch: Sequence[int]):
-    """The ``patch`` turned by ``matrix`` around the window's middle: image linear, label nearest; zero beyond."""
-    where = coordinates(matrix, image.shape[:3], patch)
+def resample(image: jax.Array, label: jax.Array | None, matrix: jax.Array, origin: jax.Array,
+             patch: Sequence[int]):
+    """The ``patch`` turned by ``matrix`` around the window's element ``origin`` (the patch centre): image
+    linear, label nearest; zero beyond the window."""
+    where = coordinates(matrix, origin, patch)
     turn = jax.vmap(lambda channel: map_coordinates(channel, where, order=1, mode="constant"), -1, -1)
     return turn(image), None if label is None else map_coordinates(label, where, order=0, mode="constant")
 
 
-def middle(image: jax.Array, label: jax.Array | None, patch: Sequence[int]):
-    """The ``patch`` in the middle of a window, as it was padded in (no resample drawn)."""
-    where = tuple(slice(w // 2 - p // 2, w // 2 - p // 2 + p) for w, p in zip(image.shape[:3], patch, strict=True))
+def corner(image: jax.Array, label: jax.Array | None, patch: Sequence[int]):
+    """The ``patch`` in the corner of a window, where a batch of patches and windows padded it in."""
+    where = tuple(slice(0, p) for p in patch)
     return image[where], None if label is None else label[where]
 
 
@@ -111,8 +114,8 @@ def augment_one(image: jax.Array, label: jax.Array | None, draws: Mapping[str, j
     on, patch = draws["on"], tuple(patch)
     image = image.astype(jnp.float32)
     if image.shape[:3] != patch:  # a window: turned if drawn, else the padded-in patch
-        image, label = lax.cond(on[MATRIX], lambda i, lb: resample(i, lb, draws["matrix"], patch),
-                                lambda i, lb: middle(i, lb, patch), image, label)
+        image, label = lax.cond(on[MATRIX], lambda i, lb: resample(i, lb, draws["matrix"], draws["origin"], patch),
+                                lambda i, lb: corner(i, lb, patch), image, label)
     brain = jnp.any(image != 0, axis=-1)  # before intensity and gamma, as the host's
     image = lax.cond(on[INTENSITY], lambda x: intensity(x, brain, draws["scale"], draws["shift"]), lambda x: x, image)
     image = lax.cond(on[GAMMA], lambda x: gamma(x, brain, draws["gamma"]), lambda x: x, image)

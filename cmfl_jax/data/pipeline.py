@@ -23,7 +23,7 @@ import numpy as np
 
 from cmfl_jax.data.augment import apply_voxelwise, resolve_augment, turned_patch
 from cmfl_jax.data.cached_subject import CachedSubject
-from cmfl_jax.data.device_inputs import packed, stack_patches, window_shape
+from cmfl_jax.data.device_inputs import packed, stack_patches, window_reach, window_shape, window_start
 from cmfl_jax.errors import CMFLError
 
 
@@ -61,6 +61,7 @@ class PatchSampler(grain.transforms.RandomMap):
         self.augment = resolve_augment(augment, flip)
         self.on_device = self.augment.on and self.augment.where == "device"
         self.window = window_shape(self.augment, self.patch_size, extent) if self.on_device else None
+        self.reach = window_reach(self.augment, self.patch_size) if self.on_device else None
 
     def _centre(self, entry: CachedSubject, rng: np.random.Generator) -> np.ndarray:
         tumour = entry.tumour_index() if entry.has_label else None
@@ -101,11 +102,12 @@ class PatchSampler(grain.transforms.RandomMap):
 
     def _for_device(self, index: int, entry: CachedSubject, volume, centre: np.ndarray, draws: dict) -> dict:
         """The plain patch, or the window around it when ``draws`` resample, as stored; the draws as arrays."""
-        size = self.window if "matrix" in draws else self.patch_size
-        image = crop_centered(volume, centre, size)
-        label = crop_centered(entry.label(), centre, size) if entry.has_label else np.zeros(size, np.uint8)
+        size = np.array(self.window if "matrix" in draws else self.patch_size)
+        start = window_start(centre, self.reach, size, entry.shape) if "matrix" in draws else centre - size // 2
+        image = crop_centered(volume, start + size // 2, size)
+        label = crop_centered(entry.label(), start + size // 2, size) if entry.has_label else np.zeros(size, np.uint8)
         return {"image": image, "label": label, "subject_index": np.int32(index), "centre": centre.astype(np.int32),
-                "augment": packed(draws, image.shape[-1])}
+                "augment": packed(draws, image.shape[-1], centre - start)}
 
     def batch_fn(self, always_window: bool = False):
         """grain's ``batch_fn``: None (plain stacking) unless the elements go to the device, whose patches and
