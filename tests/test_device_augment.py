@@ -212,6 +212,21 @@ def test_the_device_stream_is_the_host_stream_augmented_on_the_device(subjects):
     assert shapes == {PATCH[0], 20} and (True, False) in mixes  # plain batches, windows (the 20^3 volumes)
 
 
+@pytest.mark.slow
+def test_a_worker_process_ships_the_same_device_batches(subjects):
+    """The sampler's window settings and the batching of patches with windows travel to grain's workers."""
+    settings = {"preset": "nnunet", "p_rotate": 0.3, "where": "device"}
+    expected = take(patch_dataset(subjects, PATCH, seed=2, batch_size=2, tumour_prob=0.5, augment=settings), 6)
+    it = iter(patch_dataset(subjects, PATCH, seed=2, batch_size=2, tumour_prob=0.5, augment=settings, num_workers=1))
+    try:
+        got = take(it, 6)
+    finally:
+        it.close()
+    assert {b["image"].shape[1] for b in expected} == {PATCH[0], 20}
+    for a, b in zip(expected, got, strict=True):
+        jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
 def loop_config(augment):
     from cmfl_jax.config_variants import load_config
 
