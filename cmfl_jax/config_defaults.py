@@ -66,6 +66,9 @@ def augment_config() -> ml_collections.ConfigDict:
             "gamma_range": (0.7, 1.5),  # per channel, on the brain's values rescaled to [0, 1]
             "noise_std": (0.0, 0.3),  # Gaussian noise, its standard deviation uniform in this range
             "blur_sigma": (0.5, 1.0),  # Gaussian blur, sigma (voxels) per channel
+            # "host": the transforms run in the grain worker (scipy); "device": the worker ships the patch (or a
+            # window for a resample) and the drawn numbers, the accelerator transforms it (image_order 1 only)
+            "where": "host",
         }
     )
 

@@ -17,7 +17,8 @@ Rotation and scaling resample a window just large enough for the turned patch (s
 worker), the image with ``image_order`` 1 (linear: a quarter of cubic's time, and no overshoot at the
 brain's edge), the label with order 0 (nearest: its values stay 0/1/2/4). A resampled patch costs far more
 than a plain crop (its measured cost: docs/timings.md; ``python -m cmfl_jax.data.augment`` measures it). With
-the nnU-Net preset a fifth to a third of the patches are resampled.
+the nnU-Net preset a fifth to a third of the patches are resampled. ``where="device"`` draws the same numbers here
+and leaves the transforms to the accelerator (:mod:`cmfl_jax.data.device_augment`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from scipy import ndimage
 from cmfl_jax.errors import CMFLError
 
 KEY = "config.data.augment"
+WHERE = ("host", "device")  # where the transforms run (the draws are always the host worker's)
 PROBABILITIES = ("p_mirror", "p_rotate", "p_scale", "p_intensity", "p_gamma", "p_noise", "p_blur")
 LOWEST = {"noise_std": 0.0, "blur_sigma": 0.0, "intensity_shift": -math.inf}  # ranges that may reach 0 or below
 # A preset gives the probabilities left unset (None) in the config; the ranges are the config's.
@@ -61,6 +63,7 @@ class Augment:
     gamma_range: tuple[float, float] = (0.7, 1.5)
     noise_std: tuple[float, float] = (0.0, 0.3)
     blur_sigma: tuple[float, float] = (0.5, 1.0)
+    where: str = "host"
 
     @property
     def on(self) -> bool:
@@ -112,12 +115,19 @@ def resolve_augment(config: Mapping | None, flip: bool = False) -> Augment:
     for name, value in values.items():
         value = base.get(name, fields[name].default) if value is None else value
         settled[name] = _check(name, value, fields[name].default)
-    return Augment(**{**base, **settled})
+    out = Augment(**{**base, **settled})
+    if out.where == "device" and out.image_order != 1:
+        raise CMFLError(f"{KEY}.image_order", "must be 1 with where='device' (jax's map_coordinates is linear at most)")
+    return out
 
 
 def _check(name: str, value: object, default: object) -> object:
     """``value`` of key ``name`` as the type of its default, or a CMFLError naming the key."""
     where = f"{KEY}.{name}"
+    if name == "where":
+        if value not in WHERE:
+            raise CMFLError(where, f"must be one of {WHERE}, got {value!r}")
+        return value
     if isinstance(default, tuple):
         try:
             lo, hi = (float(v) for v in value)

@@ -8,11 +8,14 @@ z-scoring), which also pads volumes smaller than the patch. With several hosts e
 ``shard_count``-th patch of that one stream (``shard``), so the hosts together see what one host would.
 The iterator's state (``get_state``/``set_state``) goes into checkpoints, so a resumed run continues
 the same sequence of patches. Augmentation (``config.data.augment``, :mod:`cmfl_jax.data.augment`) is off in
-the paper's recipe; when on it draws from the same per-element ``rng``, so it resumes too.
+the paper's recipe; when on it draws from the same per-element ``rng``, so it resumes too. With
+``augment.where="device"`` the element carries the plain patch or a window to resample, and the drawn numbers
+(``augment``, :mod:`cmfl_jax.data.device_inputs`); the training loop transforms it on the device.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 
 import grain
@@ -20,6 +23,7 @@ import numpy as np
 
 from cmfl_jax.data.augment import apply_voxelwise, resolve_augment, turned_patch
 from cmfl_jax.data.cached_subject import CachedSubject
+from cmfl_jax.data.device_inputs import packed, stack_patches, window_reach, window_shape, window_start
 from cmfl_jax.errors import CMFLError
 
 
@@ -46,14 +50,18 @@ class PatchSampler(grain.transforms.RandomMap):
     """Cut one random patch (image, label, centre) out of a cached subject, augmented as ``augment`` says.
 
     ``augment`` is ``config.data.augment`` (:func:`cmfl_jax.data.augment.resolve_augment`); ``flip`` is the older
-    switch for mirroring, ``p_mirror=0.5``.
+    switch for mirroring, ``p_mirror=0.5``. ``extent``: the largest volume shape, which bounds the window a
+    ``where="device"`` resample ships.
     """
 
     def __init__(self, patch_size: Sequence[int], tumour_prob: float = 1.0, flip: bool = False,
-                 augment: Mapping | None = None):
+                 augment: Mapping | None = None, extent: Sequence[int] | None = None):
         self.patch_size = tuple(int(p) for p in patch_size)
         self.tumour_prob = float(tumour_prob)
         self.augment = resolve_augment(augment, flip)
+        self.on_device = self.augment.on and self.augment.where == "device"
+        self.window = window_shape(self.augment, self.patch_size, extent) if self.on_device else None
+        self.reach = window_reach(self.augment, self.patch_size) if self.on_device else None
 
     def _centre(self, entry: CachedSubject, rng: np.random.Generator) -> np.ndarray:
         tumour = entry.tumour_index() if entry.has_label else None
@@ -71,10 +79,12 @@ class PatchSampler(grain.transforms.RandomMap):
     def random_map(self, element: tuple[int, CachedSubject], rng: np.random.Generator) -> dict:
         index, entry = element
         centre = self._centre(entry, rng)
-        # Drawn after the centre and only when on: with augmentation off the stream is the plain one. Off, the image is
-        # read as stored (float16 by default; the steps cast on the device); on, as float32, which the transforms need.
-        volume = entry.image() if self.augment.on else entry.stored_image()
+        # Drawn after the centre and only when on: with augmentation off the stream is the plain one. Off, or on the
+        # device, the image is read as stored (float16 by default; cast on the device); on the host, as float32.
+        volume = entry.image() if self.augment.on and not self.on_device else entry.stored_image()
         draws = self.augment.draw(rng, volume.shape[-1]) if self.augment.on else {}
+        if self.on_device:
+            return self._for_device(index, entry, volume, centre, draws)
         matrix = draws.get("matrix")
         image = self._crop(volume, centre, matrix, self.augment.image_order)
         if entry.has_label:
@@ -89,6 +99,22 @@ class PatchSampler(grain.transforms.RandomMap):
             "subject_index": np.int32(index),
             "centre": centre.astype(np.int32),
         }
+
+    def _for_device(self, index: int, entry: CachedSubject, volume, centre: np.ndarray, draws: dict) -> dict:
+        """The plain patch, or the window around it when ``draws`` resample, as stored; the draws as arrays."""
+        size = np.array(self.window if "matrix" in draws else self.patch_size)
+        start = window_start(centre, self.reach, size, entry.shape) if "matrix" in draws else centre - size // 2
+        image = crop_centered(volume, start + size // 2, size)
+        label = crop_centered(entry.label(), start + size // 2, size) if entry.has_label else np.zeros(size, np.uint8)
+        return {"image": image, "label": label, "subject_index": np.int32(index), "centre": centre.astype(np.int32),
+                "augment": packed(draws, image.shape[-1], centre - start)}
+
+    def batch_fn(self, always_window: bool = False):
+        """grain's ``batch_fn``: None (plain stacking) unless the elements go to the device, whose patches and
+        windows may share a batch (:func:`cmfl_jax.data.device_inputs.stack_patches`)."""
+        if not self.on_device:
+            return None
+        return functools.partial(stack_patches, window=self.window, always_window=always_window)
 
 
 def patch_dataset(
@@ -116,7 +142,7 @@ def patch_dataset(
         raise CMFLError("config.train.batch_size", f"must be at least 1, got {batch_size}")
     if not 0.0 <= tumour_prob <= 1.0:
         raise CMFLError("config.data.tumour_prob", f"must lie in [0, 1], got {tumour_prob}")
-    sampler = PatchSampler(patch_size, tumour_prob, flip, augment)
+    sampler = PatchSampler(patch_size, tumour_prob, flip, augment, extent=np.max([e.shape for e in entries], 0))
     source = list(enumerate(entries))
     ds = (
         grain.MapDataset.source(source)
@@ -128,7 +154,8 @@ def patch_dataset(
     if shard is not None and shard.shard_count > 1:
         ds = ds[shard.shard_index :: shard.shard_count]
     # Batched as an IterDataset: a MapDataset of endless length cannot be batched.
-    ds = ds.to_iter_dataset().batch(batch_size)
+    several_hosts = shard is not None and shard.shard_count > 1  # their batches must have one shape
+    ds = ds.to_iter_dataset().batch(batch_size, batch_fn=sampler.batch_fn(always_window=several_hosts))
     if num_workers > 0:
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
     return ds

@@ -20,6 +20,7 @@ from absl import logging
 
 from cmfl_jax import checkpoints, runtime, sharding
 from cmfl_jax.data.dataset import cache_subjects, split_of
+from cmfl_jax.data.device_augment import device_augmentation
 from cmfl_jax.data.pairs import pair_channels
 from cmfl_jax.data.splits import split_settings
 from cmfl_jax.label_classes import check_output, check_output_classes
@@ -89,7 +90,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     phase = Phase("cmff", states, make_train_step(config),
                   to_batch=functools.partial(device_batch, keys=("image", "label")), on_step=on_step,
-                  on_step_due=validator.due)
+                  on_step_due=validator.due, augment=device_augmentation(config))
     try:
         states, step = fit(phase, dataset, config.train, workdir)
     finally:

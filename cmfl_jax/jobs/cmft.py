@@ -17,6 +17,7 @@ from absl import logging
 
 from cmfl_jax import sharding
 from cmfl_jax.data.dataset import cache_subjects, split_of
+from cmfl_jax.data.device_augment import device_augmentation
 from cmfl_jax.data.pairs import pair_channels, split_pairs
 from cmfl_jax.errors import CMFLError
 from cmfl_jax.previews import save_translation_png
@@ -49,7 +50,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     every = config.train.preview_every
     phase = Phase("cmft", states, make_train_step(config), to_batch=device_batch, on_step=on_step,
-                  on_step_due=lambda step: bool(every) and step % every == 0)
+                  on_step_due=lambda step: bool(every) and step % every == 0, augment=device_augmentation(config))
     states, _ = fit(phase, dataset, config.train, workdir)
     return states
 

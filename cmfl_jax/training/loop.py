@@ -39,7 +39,9 @@ def training_patches(config: ml_collections.ConfigDict, entries: list):
 
 
 def device_batch(batch: dict, keys: tuple[str, ...] = ("image",)) -> dict:
-    """The pipeline's ``keys`` the step takes, still host arrays: the loop sends them (:func:`to_device`)."""
+    """The pipeline's ``keys`` the step takes, still host arrays: the loop sends them (:func:`to_device`); with
+    ``augment.where="device"`` also the drawn numbers, ``augment``, which the phase's ``augment`` applies."""
+    keys = (*keys, "augment") if "augment" in batch else keys
     return {k: batch[k] for k in keys}
 
 
@@ -64,6 +66,8 @@ class Phase:
       on_step: called after the steps where ``on_step_due`` holds with ``(step, states, batch)``; returns
         metrics to log or None (previews, validation).
       on_step_due: ``step -> bool``; None: every step (then the loop reads the NaN guard after every step).
+      augment: ``(device batch, mesh) -> device batch``, run on each batch before the step
+        (:func:`cmfl_jax.data.device_augment.device_augmentation`); None: the batch goes to the step as it is.
     """
 
     name: str
@@ -72,6 +76,12 @@ class Phase:
     to_batch: Callable[[dict], Any]
     on_step: Callable[[int, dict, Any], Mapping[str, float] | None] | None = None
     on_step_due: Callable[[int], bool] | None = None
+    augment: Callable[[dict, jax.sharding.Mesh], dict] | None = None
+
+    def send(self, batch: dict, mesh: jax.sharding.Mesh) -> dict:
+        """A pipeline batch on the device (asynchronous), augmented there if the phase does so."""
+        batch = to_device(self.to_batch(batch), mesh)
+        return batch if self.augment is None else self.augment(batch, mesh)
 
 
 def _stop_requested(stop: StopRequest, step: int, train: ml_collections.ConfigDict) -> bool:
@@ -88,7 +98,7 @@ def _train(phase: Phase, states: dict, start: int, iterator, mesh, manager, log,
            stop: StopRequest) -> tuple[dict, int]:
     """Steps ``start + 1`` to ``train.steps``; returns the states and the last finished step."""
     window, done = None, start
-    upcoming = to_device(phase.to_batch(next(iterator)), mesh) if start < train.steps else None
+    upcoming = phase.send(next(iterator), mesh) if start < train.steps else None
     for step in range(start + 1, train.steps + 1):
         batch = upcoming
         states, metrics = phase.step_fn(states, batch)
@@ -99,7 +109,7 @@ def _train(phase: Phase, states: dict, start: int, iterator, mesh, manager, log,
         save = step % train.save_every == 0 or step == train.steps or stopping
         data = iterator.get_state() if save else None  # before the next batch is drawn
         if step < train.steps and not stopping:  # the next batch goes to the device while this step runs
-            upcoming = to_device(phase.to_batch(next(iterator)), mesh)
+            upcoming = phase.send(next(iterator), mesh)
         hook = phase.on_step is not None and (phase.on_step_due is None or phase.on_step_due(step))
         logs = step % train.log_every == 0 or step == train.steps
         means = None
