@@ -14,8 +14,9 @@ step boundary past it. Then every ``validation`` subject of the split is predict
 cache's grid) by MONAI's ``sliding_window_inference`` (window = patch, ``val.overlap``, ``val.batch_size`` windows per
 call, MONAI's default ``"constant"`` weighting) of the softmax; the argmax is put back on the raw grid
 (:func:`cmfl_jax.data.cached_subject.uncrop`, background outside the crop) and written as ``configs/predict.py``
-writes a subject (raw affine and header, the release's label values), without post-processing, so
-``configs/evaluate.py`` scores both peers the same way. ``DIR/torch_record.json`` (written last) keeps the arguments,
+writes a subject (raw affine and header, the release's label values), without post-processing (no ET threshold,
+and inside the crop no mask of the brain's non-zero voxels, which predict applies), so ``configs/evaluate.py`` scores
+both peers the same way. ``DIR/torch_record.json`` (written last) keeps the arguments,
 the steps, the seconds; a re-run with the same arguments and every prediction present does nothing.
 """
 
