@@ -93,10 +93,11 @@ def run_torch(data: str, folds: int, workdir: str) -> list[dict]:
         fold = os.path.join(reference, f"fold{k}")
         seconds = _training_seconds(reference, k)
         out = os.path.join(workdir, "torch", f"fold{k}")
-        config = cv_config(data, folds, ARMS[REFERENCE][1]).cmff
-        config.data = cv_config(data, folds, ARMS[REFERENCE][1]).data
+        reference_config = cv_config(data, folds, ARMS[REFERENCE][1])
+        config = reference_config.cmff
+        config.data, config.model, config.seed = reference_config.data, reference_config.model, reference_config.seed
         log(f"torch fold {k}: {seconds:.0f} s of training -> {out}")
-        torch_train.train_and_predict(config, os.path.join(fold, "split.json"), out, seconds=seconds)
+        torch_train.run(config, os.path.join(fold, "split.json"), out, seconds=seconds)
         evaluate = load_config("configs/evaluate.py")
         evaluate.data.root = os.path.join(fold, "validation.csv")
         evaluate.predictions = os.path.join(out, "predictions")

@@ -12,12 +12,12 @@ modalities in the project's order, one output per class of the data's label set)
 number of steps or of seconds of training wall time (cache preparation and inference excluded), stopped at the first
 step boundary past it. Then every ``validation`` subject of the split is predicted whole over its brain crop (the
 cache's grid) by MONAI's ``sliding_window_inference`` (window = patch, ``val.overlap``, ``val.batch_size`` windows per
-call, MONAI's default ``"constant"`` weighting) of the softmax; the argmax is put back on the raw grid
-(:func:`cmfl_jax.data.cached_subject.uncrop`, background outside the crop) and written as ``configs/predict.py``
-writes a subject (raw affine and header, the release's label values), without post-processing (no ET threshold,
-and inside the crop no mask of the brain's non-zero voxels, which predict applies), so ``configs/evaluate.py`` scores
-both peers the same way. ``DIR/torch_record.json`` (written last) keeps the arguments,
-the steps, the seconds; a re-run with the same arguments and every prediction present does nothing.
+call, MONAI's default ``"constant"`` weighting) of the softmax; the argmax, background outside the brain's non-zero
+voxels as predict makes it, is put back on the raw grid (:func:`cmfl_jax.data.cached_subject.uncrop`) and written
+as ``configs/predict.py`` writes a subject (raw affine and header, the release's label values), without
+post-processing, so ``configs/evaluate.py`` scores both peers the same way. ``DIR/torch_record.json`` (written
+last) keeps the arguments, the steps, the seconds; a re-run with the same arguments and every prediction present
+does nothing.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from cmfl_jax.data.pipeline import patch_dataset
 from cmfl_jax.data.splits import read_split_file
 from cmfl_jax.data.subject import Subject
 from cmfl_jax.errors import CMFLError
+from cmfl_jax.inference.sliding_window import restrict_to_brain
 from cmfl_jax.jobs.predict import _label_header
 from cmfl_jax.label_classes import classes_to_labels, labels_to_classes
 from cmfl_jax.label_sets import LabelSet, label_set_of_subjects, to_dataset
@@ -99,14 +100,17 @@ def train(model: TorchUNet3D, config: ml_collections.ConfigDict, entries: list[C
 
 def predict_volume(model: TorchUNet3D, config: ml_collections.ConfigDict, entry: CachedSubject,
                    classes: tuple[int, ...]) -> np.ndarray:
-    """Internal label map of ``entry`` on its full (raw) grid: MONAI's window over the brain crop, argmax, uncropped."""
+    """Internal label map of ``entry`` on its full (raw) grid: MONAI's window over the brain crop, argmax, the brain
+    kept, uncropped."""
     model.eval()
+    image = np.asarray(entry.image())
     with torch.inference_mode():
         probs = sliding_window_inference(
-            _to_torch(np.asarray(entry.image())[None]), roi_size=tuple(int(p) for p in config.data.patch_size),
+            _to_torch(image[None]), roi_size=tuple(int(p) for p in config.data.patch_size),
             sw_batch_size=int(config.val.batch_size), predictor=lambda w: torch.softmax(model(w), dim=1),
             overlap=float(config.val.overlap), mode="constant")
-    return uncrop(classes_to_labels(probs[0].argmax(dim=0).numpy(), classes), entry)
+    # background outside the brain inside the crop too, as the predict job does (restrict_to_brain)
+    return uncrop(restrict_to_brain(classes_to_labels(probs[0].argmax(dim=0).numpy(), classes), image), entry)
 
 
 def write_prediction(path: str, internal: np.ndarray, subject: Subject) -> None:

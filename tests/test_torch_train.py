@@ -21,20 +21,10 @@ from cmfl_jax.config_variants import load_config
 from cmfl_jax.data.dataset import cache_subjects, split_of
 from experiments import torch_train
 
-CROP_MARGIN = 4  # voxels of background the cache keeps around the brain (cmfl_jax.data.cache.CROP_MARGIN)
 
-
-def _raw_box(subject) -> tuple[slice, ...]:
-    """The brain crop box from the raw files alone: non-zero voxels of any modality or of the label, grown by 4."""
-    keep = np.zeros(nib.load(subject.images[0]).shape, bool)
-    for path in (*subject.images, subject.label):
-        keep |= np.asarray(nib.load(path).dataobj) != 0
-    box = []
-    for axis in range(3):
-        other = tuple(a for a in range(3) if a != axis)
-        nz = np.flatnonzero(keep.any(axis=other))
-        box.append(slice(max(nz[0] - CROP_MARGIN, 0), min(nz[-1] + 1 + CROP_MARGIN, keep.shape[axis])))
-    return tuple(box)
+def _raw_brain(subject) -> np.ndarray:
+    """The brain from the raw files alone: voxels where any modality is non-zero."""
+    return np.any([np.asarray(nib.load(path).dataobj) != 0 for path in subject.images], axis=0)
 
 
 def _write_split(path, train, validation) -> str:
@@ -65,11 +55,11 @@ def test_trains_predicts_on_the_raw_grid_and_skips_a_finished_rerun(tmp_path):
     assert os.path.getmtime(path) == mtime
     assert torch_train._finished(out, torch_train.run_key(config, json.load(open(split)), 4, None)) is None
 
-    # A head that always picks class 2 (ED, label 2 in BraTS 2018): 2 exactly inside the brain crop box, 0 outside;
-    # class 3 (ET) is written as BraTS 2018's 4.
+    # A head that always picks class 2 (ED, label 2 in BraTS 2018): 2 exactly in the brain, 0 outside; class 3 (ET) is
+    # written as BraTS 2018's 4.
     model = torch_train.build_model(config, 4)
     entries = cache_subjects(config.data, validation)
-    box = _raw_box(validation[0])
+    brain = _raw_brain(validation[0])
     for chosen, value in ((2, 2), (3, 4)):
         with torch.no_grad():
             model.layers["head"].weight.zero_()
@@ -78,8 +68,8 @@ def test_trains_predicts_on_the_raw_grid_and_skips_a_finished_rerun(tmp_path):
         torch_train.predict_subjects(model, config, validation, entries, (0, 1, 2, 4), str(folder))
         label = np.asarray(nib.load(folder / f"{validation[0].subject_id}.nii.gz").dataobj)
         expected = np.zeros(raw.shape, np.uint8)
-        expected[box] = value
-        assert 0 < int((expected > 0).sum()) < expected.size  # the box leaves some of the grid out
+        expected[brain] = value
+        assert 0 < int((expected > 0).sum()) < expected.size  # the brain leaves some of the grid out
         np.testing.assert_array_equal(label, expected)
 
     # --seconds: the first step boundary past the budget; a budget under one step trains exactly one step.
