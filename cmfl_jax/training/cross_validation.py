@@ -70,7 +70,7 @@ def out_of_fold(model_dir: str, subjects: Sequence[Subject], settings: Mapping, 
             write_nifti(f"{predictions}/{subject.subject_id}.nii.gz", to_dataset(final, subject.labels),
                         loaded.affine)
         raw = _scores(pred, loaded.label, loaded.spacing, regions)
-        processed = _scores(final, loaded.label, loaded.spacing, regions)
+        processed = raw if np.array_equal(final, pred) else _scores(final, loaded.label, loaded.spacing, regions)
         removed = bool(np.any(loaded.label == ET) and np.any(pred == ET) and not np.any(final == ET))
         out.append({"subject_id": subject.subject_id, **raw, "postprocessed": processed,
                     "true_et_removed": removed})
