@@ -1,10 +1,11 @@
 """One command that measures whatever accelerator JAX sees, at the paper's sizes, in a fixed time budget.
 
-    python -m experiments.device_check [--out DIR] [--size smoke|full] [--skip-tests] [--minutes N]
+    python -m experiments.device_check [--out DIR] [--size smoke|full] [--skip-tests] [--minutes N] [--sections ...]
 
 ``--size`` picks the variant of ``configs/cmff.py`` and ``configs/cmft.py``. Sections, each case in a fresh process
 (``experiments/harness.py``; this one never touches a device): ``device``, ``cmff_step``, ``cmft_step``, ``volume``,
-``short_run`` (the loss must fall) and ``tests`` (``pytest -m device_check``). A case the budget cannot hold is
+``short_run`` (the loss must fall), ``pipeline`` (the host's patches/s against the CMFF step's rate here:
+``experiments/pipeline_balance.py``) and ``tests`` (``pytest -m device_check``). A case the budget cannot hold is
 skipped, a failing one recorded with its error. Writes ``device_check.json`` and ``.md`` into ``--out`` after every
 case; exits 1 if a section failed. docs/device_check.md has the details.
 """
@@ -23,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from experiments import harness, programs
+from experiments import harness, pipeline_balance, programs
 from experiments.device_check_report import SECTIONS, junit_counts, markdown, section_entries
 
 # The tests' environment (where not set already): no preallocation of accelerator memory, and float32 matmuls and
@@ -36,11 +37,12 @@ SMOKE_XLA_FLAGS = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_e
 # section needs at least (less left: skipped).
 SETTINGS = {
     "full": dict(minutes=7.5, repeats=5, volume_repeats=1, run_steps=200, run_lr=1e-3, subjects=2,
-                 dtypes=("float32", "bfloat16"), xla_flags=(),
-                 needs=dict(device=30, cmff_step=60, cmft_step=90, volume=60, short_run=120, tests=60)),
+                 dtypes=("float32", "bfloat16"), xla_flags=(), workers=(1, 4, 8), patches=16,
+                 needs=dict(device=30, cmff_step=60, cmft_step=90, volume=60, short_run=120, pipeline=30, tests=60)),
     "smoke": dict(minutes=10.0, repeats=3, volume_repeats=2, run_steps=10, run_lr=1e-2, subjects=4,
                   dtypes=("float32",), xla_flags=SMOKE_XLA_FLAGS,  # CI time: bf16 on a CPU measures nothing
-                  needs=dict(device=15, cmff_step=30, cmft_step=45, volume=30, short_run=60, tests=60)),
+                  workers=(1,), patches=3,
+                  needs=dict(device=15, cmff_step=30, cmft_step=45, volume=30, short_run=60, pipeline=15, tests=60)),
 }
 
 
@@ -102,7 +104,8 @@ def run_short_run(case: dict[str, Any]) -> dict[str, Any]:
     return record
 
 
-RUNNERS = {"device": run_device, "step": programs.run_step, "volume": programs.run_volume, "short_run": run_short_run}
+RUNNERS = {"device": run_device, "step": programs.run_step, "volume": programs.run_volume, "short_run": run_short_run,
+           "patches": pipeline_balance.run_patches}
 
 
 def sizes(args: argparse.Namespace) -> dict[str, Any]:
@@ -128,8 +131,12 @@ def section_cases(section: str, args: argparse.Namespace) -> list[dict[str, Any]
     if section == "volume":
         return [dict(kind="volume", section=section, net="cmff", mirror=m, window=z["patch"], volume=z["volume"],
                      repeats=s["volume_repeats"], warmup=1, seed=programs.SEED, **cmff) for m in (False, True)]
-    run = {"data.root": z["data_root"], "data.synthetic.n": z["subjects"], "train.steps": z["steps"],
-           "cmff.lr": z["lr"], "cmff.ce_weight": z["ce_weight"]}
+    data = {"data.root": z["data_root"], "data.synthetic.n": z["subjects"], "train.batch_size": 1}
+    if section == "pipeline":  # the short run's data, host augmentation
+        return [dict(kind="patches", section=section, augment=a, workers=n, patches=s["patches"], warmup=1,
+                     config=cmff["config"], overrides={**data, "data.augment.preset": a, "data.num_workers": n})
+                for a in ("none", "nnunet") for n in s["workers"]]
+    run = {**data, "train.steps": z["steps"], "cmff.lr": z["lr"], "cmff.ce_weight": z["ce_weight"]}
     return [dict(kind="short_run", section=section, steps=z["steps"], data_root=z["data_root"],
                  config=cmff["config"], overrides={**cmff["overrides"], **run})]
 
@@ -172,6 +179,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", help="folder of device_check.json and .md (default "
                                       "experiments/results/device_check/<platform>)")
     parser.add_argument("--skip-tests", action="store_true", help="do not run the device-relevant tests")
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
+                        help="the sections to run (default: all), e.g. device cmff_step pipeline for the balance")
     parser.add_argument("--marker", default="device_check", help="pytest -m expression of the tests section")
     parser.add_argument("--minutes", type=float, help="time budget (default: 7.5 for full, 10 for smoke)")
     parser.add_argument("--data-root", help="short run on this BraTS folder instead of the built-in synthetic data")
@@ -212,11 +221,12 @@ def main(argv: list[str] | None = None) -> int:
         return None if left >= need else (f"needs ~{need:.0f} s, {max(left, 0):.0f} s left of the {minutes:g}-minute "
                                           "budget (--minutes)")
 
-    cases = [case for section in SECTIONS[:-1] for case in section_cases(section, args)]
+    cases = [case for section in SECTIONS[:-1] if section in args.sections for case in section_cases(section, args)]
     records = harness.run_cases("experiments.device_check", cases, save,
                                 timeout=lambda case: deadline - time.perf_counter(), skip=skip,
                                 env=lambda case: harness.child_env(s["xla_flags"]))
-    reason = "--skip-tests" if args.skip_tests else skip({"section": "tests"})
+    reason = "--skip-tests" if args.skip_tests else (
+        "not in --sections" if "tests" not in args.sections else skip({"section": "tests"}))
     if reason:
         tests = {"status": "skipped", "reason": reason}
     else:

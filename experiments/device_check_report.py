@@ -1,5 +1,5 @@
 """The report of ``experiments/device_check.py``: section statuses, pytest's counts and the Markdown
-with one (device, what, figure) table a section."""
+with one (device, what, figure) table a section; the pipeline's holds the balance of host and device."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import xml.etree.ElementTree as ET
 from typing import Any
 
 from experiments.harness import table
+from experiments.pipeline_balance import verdict
 
-SECTIONS = ("device", "cmff_step", "cmft_step", "volume", "short_run", "tests")
+SECTIONS = ("device", "cmff_step", "cmft_step", "volume", "short_run", "pipeline", "tests")
 
 
 def section_entries(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -64,6 +65,9 @@ def section_title(section: str, payload: dict[str, Any]) -> str:
                      + (f"data root {z['data_root']}" if z["data_root"] else
                         f"{z['subjects']} synthetic subjects of {v}")
                      + f"), base {b}, depth {d}, batch 1, Adam {z['lr']:g}, Dice + {z['ce_weight']:g} × CE",
+        "pipeline": f"Input pipeline: {p}³ patches of the short run's data through the training loop's "
+                    f"`training_patches` on this machine's {payload['machine']['cpu_count']} CPU cores, against "
+                    "the CMFF train step on this device (batch 1)",
         "tests": "Tests on this device",
     }[section]
 
@@ -89,6 +93,8 @@ def case_rows(section: str, case: dict[str, Any]) -> list[tuple[str, str]]:
     if case["status"] == "skipped":
         return [(f"{label}skipped", case["reason"])]
     rows = [] if case["status"] == "ok" else [(f"{label}FAILED", case.get("error", ""))]
+    if section == "pipeline" and case["status"] == "ok":
+        return [(f"{_workers(case)}: patches/s", f"{case['patches_per_s']:.3g}")]
     if "memory" not in case:  # else it measured and then failed a check (a loss that did not fall)
         return rows
     mem = case["memory"]
@@ -121,6 +127,26 @@ def case_rows(section: str, case: dict[str, Any]) -> list[tuple[str, str]]:
     return rows
 
 
+def _workers(case: dict[str, Any]) -> str:
+    return f"augment {case['augment']}, {case['workers']} worker{'s' if case['workers'] > 1 else ''}"
+
+
+def balance_rows(payload: dict[str, Any]) -> list[tuple[str, str]]:
+    """The CMFF step's rate here (= patches/s it consumes at batch 1), XLA's FLOPs and the TFLOP/s they make, and
+    whether each pipeline case keeps up with it."""
+    cases = lambda name: [c for c in payload["sections"].get(name, {}).get("cases", []) if c["status"] == "ok"]
+    rows = []
+    for step in cases("cmff_step"):
+        rate, flops = 1 / step["train"]["median_s"], step.get("xla_flops")
+        rows.append((f"{step['dtype']} step: steps/s", f"{rate:.3g}"))
+        if flops and (payload.get("device") or {}).get("platform") != "cpu":  # on a CPU oneDNN's calls count 0
+            rows.append((f"{step['dtype']} step: XLA FLOPs, achieved", f"{flops / 1e12:.3g} TFLOP, "
+                                                                       f"{flops * rate / 1e12:.3g} TFLOP/s"))
+        rows += [(f"{_workers(c)} against the {step['dtype']} step", verdict(c["patches_per_s"], rate))
+                 for c in cases("pipeline")]
+    return rows
+
+
 def device_label(payload: dict[str, Any]) -> str:
     dev = payload.get("device")
     if not dev:
@@ -141,6 +167,7 @@ def markdown(payload: dict[str, Any]) -> str:
         if entry is not None:
             rows = tests_rows(entry) if section == "tests" else [
                 row for case in entry["cases"] for row in case_rows(section, case)]
+            rows += balance_rows(payload) if section == "pipeline" else []
             lines += ["", f"## {section_title(section, payload)}", "",
                       table(["device", "what", "figure"], ([label, what, figure] for what, figure in rows))]
     return "\n".join(lines) + "\n"

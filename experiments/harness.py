@@ -136,7 +136,7 @@ def run_case_subprocess(module: str, case: dict[str, Any], timeout: float,
 
 def describe(case: dict[str, Any]) -> str:
     """A case in a progress line: its section (or kind) and the fields that tell it from the others."""
-    fields = ("size", "impl", "dtype", "devices", "mirror", "function")
+    fields = ("job", "size", "impl", "dtype", "devices", "mirror", "function", "augment", "where", "workers")
     return " ".join([case.get("section", case["kind"]), *(f"{k}={case[k]}" for k in fields if k in case)])
 
 
@@ -145,6 +145,7 @@ def summary(record: dict[str, Any]) -> str:
     parts = [f"{k} {record[k]['median_s']:.3g} s" for k in ("train", "forward", "volume")
              if isinstance(record.get(k), dict) and record[k]["median_s"] is not None]
     parts += [f"compile {record[k]:.3g} s" for k in ("compile_train_s", "compile_s") if record.get(k)]
+    parts += [f"{record[k]:.4g} {k.replace('_per_s', '/s')}" for k in ("patches_per_s", "flops") if record.get(k)]
     parts += [f"peak {record['peak_rss_mib']:.0f} MiB"] if "peak_rss_mib" in record else []
     return ", ".join([*parts, f"case {record.get('wall_s', 0):.0f} s"])
 

@@ -63,15 +63,28 @@ def job_step(config: Any, mesh: Any) -> tuple[Any, dict, dict]:
     return module.make_train_step(config, mesh), sharding.replicate(states, mesh), sharding.shard_batch(batch, mesh)
 
 
+def xla_flops(compiled: Any) -> float | None:
+    """FLOPs of a compiled function by XLA's cost analysis (a dict, or a list of one per program), None where the
+    backend does not say. Its own convolutions count 2 per multiply-add; a custom call (oneDNN) counts nothing."""
+    try:
+        analysis = compiled.cost_analysis()
+    except Exception:
+        return None
+    analysis = analysis[0] if isinstance(analysis, list | tuple) and analysis else analysis
+    return float(analysis["flops"]) if isinstance(analysis, dict) and "flops" in analysis else None
+
+
 def compile_and_time(fn: Any, args: tuple, repeats: int, warmup: int, donated: bool = True,
                      loss: Any = None) -> tuple[dict[str, Any], list[float]]:
-    """Cold compile of jitted ``fn`` on ``args``, XLA's buffer sizes, then ``warmup`` + ``repeats`` calls (none for 0
-    repeats), each on the last call's first output where ``donated``; (figures, ``loss`` of each call's output)."""
+    """Cold compile of jitted ``fn`` on ``args``, XLA's buffer sizes and FLOPs, then ``warmup`` + ``repeats`` calls
+    (none for 0 repeats), each on the last call's first output where ``donated``; (figures, ``loss`` of each call's
+    output)."""
     import jax
 
     t0 = time.perf_counter()
     compiled = fn.lower(*args).compile()
-    figures = {"compile_s": time.perf_counter() - t0, "xla_memory": harness.memory_analysis(compiled), "timing": None}
+    figures = {"compile_s": time.perf_counter() - t0, "xla_memory": harness.memory_analysis(compiled),
+               "flops": xla_flops(compiled), "timing": None}
     holder, losses = list(args), []
 
     def once():
@@ -99,7 +112,7 @@ def run_step(case: dict[str, Any]) -> dict[str, Any]:
     n, train = int(batch["image"].shape[0]), figures["timing"]
     record = {"device_count": jax.device_count(), "global_batch": n, "baseline_rss_mib": baseline,
               "batch_devices": len(batch["image"].sharding.device_set), "compile_train_s": figures["compile_s"],
-              "xla_train_memory": figures["xla_memory"], "train": train}
+              "xla_train_memory": figures["xla_memory"], "xla_flops": figures["flops"], "train": train}
     if train:
         record.update(steps_per_s=1.0 / train["median_s"], samples_per_s=n / train["median_s"],
                       loss_first=losses[0], loss_last=losses[-1])

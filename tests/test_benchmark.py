@@ -158,3 +158,73 @@ def test_xla_case_times_every_candidate_in_turn(monkeypatch):
     lines = table.splitlines()
     assert lines[2].startswith("| `window` | defaults |") and "| 1.00 |" in lines[2]
     assert lines[-1].startswith("| `cmft_step` | FAILED: OOM |")
+
+
+def test_xla_flops_of_a_tiny_unet_step_match_the_hand_count():
+    """XLA counts 2 FLOPs per multiply-add of its convolutions, leaving out the taps in the zero padding: one conv and
+    one transposed conv exactly (plus their bias adds); the whole U-Net within the element-wise ops the hand count
+    leaves out (bias, instance norm, leaky ReLU, pooling, softmax, Dice, Adam): forward 0-6 %, train step 0-8 % at
+    16^3, base 4, where they weigh most (2 x 27 x C_in x C_out per voxel of a conv against a few per voxel of each)."""
+    from cmfl_jax.models.conv import Conv3D, UpConv3D
+    from experiments.pipeline_balance import unet_conv_flops, unet_train_flops
+
+    def flops(fn, *args):
+        return programs.xla_flops(jax.jit(fn).lower(*args).compile())
+
+    x = jnp.ones((1, 16, 16, 16, 4))
+    for module, expected in ((Conv3D(8, 3, 1, 1, "native"), 2 * 4 * 8 * (3 * 16 - 2) ** 3 + 16**3 * 8),
+                             (UpConv3D(8, "native"), 2 * 8 * 4 * 8 * 16**3 + 32**3 * 8)):
+        assert flops(module.apply, module.init(jax.random.key(0), x), x) == expected
+    state, x, y, train_step, forward = programs.unet_functions(dict(TINY, impl="native", dtype="float32"))
+    hand_forward, first = unet_conv_flops(16, 2, 4, base=4, depth=2, padded=True)
+    assert hand_forward == 21441920 and first == 2 * 2 * 4 * 46**3  # by hand: 46 = 3 x 16 - 2 taps per axis
+    assert 1.0 <= flops(forward, state.params, x) / hand_forward <= 1.06
+    assert 1.0 <= flops(train_step, state, x, y) / unet_train_flops(16, 2, 4, 4, 2, padded=True) <= 1.08
+    assert unet_train_flops(128, 2, 4, 16, 4) == pytest.approx(0.7186e12, rel=1e-4)  # the paper's U-Net at 128^3
+
+
+def _patches(size, augment, where, workers, per_s, status="ok"):
+    return dict(kind="patches", size=size, augment=augment, where=where, workers=workers, status=status,
+                patches_per_s=per_s, subjects=4, peak_rss_mib=300.0, reason="not available: no where")
+
+
+def test_pipeline_table_rows_and_the_balance():
+    records = [_patches(64, "none", "host", 1, 100.0), _patches(128, "nnunet", "host", 2, 2.0),
+               _patches(128, "nnunet", "device", 1, None, "skipped"),
+               dict(kind="flops", job="cmff", size=64, status="ok", flops=0.25e12, unets_hand_flops=0.18e12,
+                    compile_s=9.0, backend="cpu"),
+               dict(kind="flops", job="cmff", size=128, status="ok", flops=2e12, unets_hand_flops=1.44e12,
+                    compile_s=90.0, backend="cpu"),
+               dict(kind="flops", job="cmft", size=128, status="ok", flops=4e12, unets_hand_flops=None,
+                    compile_s=99.0, backend="cpu")]
+    lines = benchmark.SUITES["pipeline"][1](records).splitlines()
+    assert "| 64^3 | none | host | 1 | 100 | 0.01 | 4 | 300 |  |" in lines
+    assert "| 128^3 | nnunet | device | 1 | - | - | - | - | SKIPPED: not available: no where |" in lines
+    assert "| cmff | 128^3 | 2.000 | 1.440 | 90 |" in lines and "| cmft | 128^3 | 4.000 | - | 99 |" in lines
+    # A100 at 30 %: 312e12 x 0.3 / 0.25e12 = 374 steps/s at 64^3; / 2e12 (cmff, the lighter) = 46.8 at 128^3
+    assert "| A100 | bfloat16 | 312 | 30% | 374 | 46.8 |" in lines
+    balance = [line for line in lines if line.startswith("| 64^3 | none | host | 1 | 100 |")][-1].split(" | ")
+    # T4 30 %: 65e12 x 0.3 / 0.25e12 = 78 patches/s needed, 100 made; T4 50 %: 130 needed
+    assert balance[5:7] == ["keeps up", "limits by 1.3x"]
+    balance = [line for line in lines if line.startswith("| 128^3 | nnunet | host | 2 | 2 |")][-1].split(" | ")
+    assert balance[-1] == f"limits by {989e12 * 0.5 / 2e12 / 2.0:.1f}x |"  # H100 50 %: 247 needed, 2 made
+
+
+@pytest.mark.slow
+def test_pipeline_case_times_the_training_patches(monkeypatch):
+    """The pipeline suite's cases, and one run on the smoke data: 1 worker, 3 timed batches after those grain
+    holds ready; the device variant is skipped while the release has no augment.where."""
+    from experiments import pipeline_balance
+
+    args = benchmark.parse_args(["--suite", "pipeline", "--sizes", "32", "--workers", "1", "--patches", "3"])
+    cases = pipeline_balance.pipeline_cases(args)
+    assert [(c["kind"], c.get("augment"), c.get("where"), c.get("job")) for c in cases] == [
+        ("patches", "none", "host", None), ("patches", "nnunet", "host", None), ("patches", "nnunet", "device", None),
+        ("flops", None, None, "cmff"), ("flops", None, None, "cmft")]
+    if not pipeline_balance.where_known():
+        assert pipeline_balance.skip(cases[2]).startswith("not available")
+    record = harness.run_case(benchmark.RUNNERS, {**cases[1], "config": "configs/cmff.py:smoke"})
+    assert record["status"] == "ok", record.get("error")
+    times = record["timing"]["times_s"]
+    assert len(times) == 3 and record["patches_per_s"] == pytest.approx(3 / sum(times))
+    assert record["warmup_batches"] == 1 + 2 + 1 and record["subjects"] == 4  # warm-up, read-ahead, the worker's

@@ -12,6 +12,7 @@ import pytest
 
 from experiments import device_check, harness
 from experiments.device_check_report import SECTIONS, case_rows
+from experiments.pipeline_balance import verdict
 
 from .conftest import REPO
 
@@ -64,6 +65,12 @@ def test_smoke_run_measures_every_section_and_runs_the_device_tests(tmp_path):
     assert run["loss_last"] < run["loss_first"], run["losses"]
     assert _positive(run["compile_s"]) and _positive(run["step_s"])
 
+    patches = {case["augment"]: case for case in sections["pipeline"]["cases"]}
+    assert set(patches) == {"none", "nnunet"}
+    for c in patches.values():
+        assert c["workers"] == 1 and c["subjects"] == 4 and len(c["timing"]["times_s"]) == 3, c
+        assert _positive(c["patches_per_s"]), c
+
     tests = sections["tests"]
     assert tests["status"] == "ok" and tests["returncode"] == 0, tests
     assert tests["passed"] >= 40 and tests["failed"] == tests["errors"] == 0, tests
@@ -72,10 +79,15 @@ def test_smoke_run_measures_every_section_and_runs_the_device_tests(tmp_path):
     table = (out / "device_check.md").read_text()
     assert table.count(TABLE_HEAD) == len(SECTIONS)
     for title in ("## Device", "## CMFF train step: 32³", "## CMFT train step: 32³",
-                  "## Full-volume inference: 48×48×48", "## Short CMFF run: 10 steps", "## Tests on this device"):
+                  "## Full-volume inference: 48×48×48", "## Short CMFF run: 10 steps", "## Input pipeline: 32³",
+                  "## Tests on this device"):
         assert title in table, title
     assert "| cpu | float32: step (median of 3) |" in table
     assert "| cpu | mirrored: s per subject (8 windows) |" in table
+    rate = 1 / sections["cmff_step"]["cases"][0]["train"]["median_s"]
+    have = patches["nnunet"]["patches_per_s"]
+    assert f"| cpu | float32 step: steps/s | {rate:.3g} |" in table
+    assert f"| cpu | augment nnunet, 1 worker against the float32 step | {verdict(have, rate)} |" in table
     assert f"| cpu | passed / failed / errors / skipped | {tests['passed']} / 0 / 0 / " in table
     assert table in proc.stdout  # printed as written
 
@@ -88,6 +100,14 @@ def test_budget_skips_what_it_cannot_hold(tmp_path):
         cases = report["sections"][name].get("cases", [report["sections"][name]])
         assert report["sections"][name]["status"] == "skipped" and all("--minutes" in c["reason"] for c in cases)
     assert "| unknown | skipped | needs ~" in (tmp_path / "device_check.md").read_text()
+
+
+def test_sections_pick_what_runs(tmp_path):
+    device_check.main(["--size", "smoke", "--minutes", "0.001", "--sections", "device", "pipeline", "--out",
+                       str(tmp_path)])
+    sections = json.loads((tmp_path / "device_check.json").read_text())["sections"]
+    assert list(sections) == ["device", "pipeline", "tests"] and sections["tests"]["reason"] == "not in --sections"
+    assert [c["augment"] for c in sections["pipeline"]["cases"]] == ["none", "nnunet"]  # smoke: 1 worker each
 
 
 def test_failed_case_is_one_line_and_the_table_says_so():
@@ -106,6 +126,10 @@ def test_full_size_reads_the_full_configs():
         ("configs/cmff.py:full", "float32", "float32"), ("configs/cmff.py:full", "bfloat16", "bfloat16"),
         ("configs/cmft.py:full", "float32", "float32"), ("configs/cmft.py:full", "bfloat16", "bfloat16")]
     assert steps[0]["overrides"]["init.mode"] == "random" and steps[0]["repeats"] == 5
+    pipeline = device_check.section_cases("pipeline", args)
+    assert [(c["augment"], c["workers"], c["overrides"]["data.synthetic.n"]) for c in pipeline] == [
+        ("none", 1, 2), ("none", 4, 2), ("none", 8, 2), ("nnunet", 1, 2), ("nnunet", 4, 2), ("nnunet", 8, 2)]
+    assert pipeline[0]["config"] == "configs/cmff.py:full" and pipeline[0]["kind"] == "patches"
 
 
 @pytest.mark.slow

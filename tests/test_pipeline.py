@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import grain
 import numpy as np
 import pytest
@@ -183,3 +185,17 @@ def test_worker_processes_give_the_same_patches(entries):
         it.close() if hasattr(it, "close") else None
     for x, y in zip(expected, got, strict=True):
         np.testing.assert_array_equal(x["image"], y["image"])
+
+
+def test_read_ahead_is_bounded(entries, monkeypatch):
+    """grain reads ahead at most max(READ_THREADS, READ_AHEAD_BATCHES x batch) patches (its default is 500, 1.3 GB
+    at 64^3): after one batch of 2 and a pause, the sampler has cut at most 2 + 4 patches."""
+    from cmfl_jax.data import pipeline
+
+    calls = []
+    cut = pipeline.PatchSampler.random_map
+    monkeypatch.setattr(pipeline.PatchSampler, "random_map", lambda self, *a: calls.append(1) or cut(self, *a))
+    it = iter(patch_dataset(entries, (8, 8, 8), seed=0, batch_size=2))
+    assert next(it)["image"].shape[0] == 2
+    time.sleep(1.0)  # an unbounded read-ahead cuts hundreds of 8^3 patches meanwhile
+    assert pipeline.read_ahead(2).prefetch_buffer_size == 4 and 2 <= len(calls) <= 2 + 4, len(calls)
