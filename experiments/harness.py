@@ -127,7 +127,7 @@ def run_case_subprocess(module: str, case: dict[str, Any], timeout: float,
 
 def describe(case: dict[str, Any]) -> str:
     """A case in a progress line: its section (or kind) and the fields that tell it from the others."""
-    fields = ("size", "impl", "dtype", "devices", "mirror", "function")
+    fields = ("size", "impl", "dtype", "devices", "mirror")
     return " ".join([case.get("section", case["kind"]), *(f"{k}={case[k]}" for k in fields if k in case)])
 
 
