@@ -26,7 +26,7 @@ import pytest
 
 from .conftest import REPO
 
-STEPS = 6  # the CMFT kill lands on step 4 or 5, after the step-2 or step-4 checkpoint
+STEPS = 8
 PHASES = {
     "cmft": ["--config=configs/cmft.py:smoke", "--config.train.preview_every=0"],
     "cmff": ["--config=configs/cmff.py:smoke", "--config.val.every=100"],
