@@ -23,6 +23,7 @@ import ml_collections
 
 from cmfl_jax.config_variants import apply_variants, load_config, sibling, split_parts
 from cmfl_jax.jobs import PIPELINE as STAGES  # the method's flow; each stage has its own config file
+from cmfl_jax.postprocess import DEFAULT_ET_MIN_MM3
 
 # demo size -> the variant of configs/cmft.py and configs/cmff.py it starts from.
 SIZES = {"default": "cpu", "smoke": "smoke", "full": "full"}
@@ -52,6 +53,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                 del stages[name][key]
         config[name] = stages[name]
     config.cmff.init.mode = "cmft"  # S_A, S_B start from the generators of the CMFT stage (the paper)
+    # The held-out subjects are CMFF's validation fold, so nothing chosen on them may score them: predict and export
+    # take final/ (not best/) and a fixed ET threshold (not the one tuned on that fold). configs/cv.py chooses on
+    # an inner split instead.
+    config.predict.checkpoint = "final"
+    config.predict.postprocess.et_min_mm3 = DEFAULT_ET_MIN_MM3
+    config.export.checkpoint = "final"
     if variant == "default":
         # Under 10 minutes on 2 CPU cores from a cold start, with a clearly non-trivial held-out Dice: the :cpu
         # data and U-Net (96x96x64 subjects, base 8, depth 3) on fewer, smaller patches and fewer steps.

@@ -37,7 +37,7 @@ SMOKE_XLA_FLAGS = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_e
 # section needs at least (less left: skipped).
 SETTINGS = {
     "full": dict(minutes=7.5, repeats=5, volume_repeats=1, run_steps=200, run_lr=1e-3, subjects=2,
-                 dtypes=("float32", "bfloat16"), xla_flags=(), workers=(1, 4, 8), patches=16,
+                 dtypes=("float32", "bfloat16", "float16"), xla_flags=(), workers=(1, 4, 8), patches=16,
                  needs=dict(device=30, cmff_step=60, cmft_step=90, volume=60, short_run=120, pipeline=30, tests=60)),
     "smoke": dict(minutes=10.0, repeats=3, volume_repeats=2, run_steps=10, run_lr=1e-2, subjects=4,
                   dtypes=("float32",), xla_flags=SMOKE_XLA_FLAGS,  # CI time: bf16 on a CPU measures nothing
@@ -132,10 +132,11 @@ def section_cases(section: str, args: argparse.Namespace) -> list[dict[str, Any]
         return [dict(kind="volume", section=section, net="cmff", mirror=m, window=z["patch"], volume=z["volume"],
                      repeats=s["volume_repeats"], warmup=1, seed=programs.SEED, **cmff) for m in (False, True)]
     data = {"data.root": z["data_root"], "data.synthetic.n": z["subjects"], "train.batch_size": 1}
-    if section == "pipeline":  # the short run's data, host augmentation
-        return [dict(kind="patches", section=section, augment=a, workers=n, patches=s["patches"], warmup=1,
-                     config=cmff["config"], overrides={**data, "data.augment.preset": a, "data.num_workers": n})
-                for a in ("none", "nnunet") for n in s["workers"]]
+    if section == "pipeline":  # the short run's data; augmentation on the host, or its host side for the device
+        return [dict(kind="patches", section=section, augment=a, where=w, workers=n, patches=s["patches"], warmup=1,
+                     config=cmff["config"], overrides={**data, "data.augment.preset": a, "data.augment.where": w,
+                                                       "data.num_workers": n})
+                for a, w in (("none", "host"), ("nnunet", "host"), ("nnunet", "device")) for n in s["workers"]]
     run = {**data, "train.steps": z["steps"], "cmff.lr": z["lr"], "cmff.ce_weight": z["ce_weight"]}
     return [dict(kind="short_run", section=section, steps=z["steps"], data_root=z["data_root"],
                  config=cmff["config"], overrides={**cmff["overrides"], **run})]

@@ -128,7 +128,8 @@ def case_rows(section: str, case: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def _workers(case: dict[str, Any]) -> str:
-    return f"augment {case['augment']}, {case['workers']} worker{'s' if case['workers'] > 1 else ''}"
+    where = f" on the {case['where']}" if case.get("augment", "none") != "none" else ""
+    return f"augment {case['augment']}{where}, {case['workers']} worker{'s' if case['workers'] > 1 else ''}"
 
 
 def balance_rows(payload: dict[str, Any]) -> list[tuple[str, str]]:

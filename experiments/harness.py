@@ -28,8 +28,7 @@ RESULT_PREFIX = "HARNESS_RESULT "
 
 def peak_rss_mib() -> float:
     """Peak resident set size of this process so far, MiB (``ru_maxrss`` is KiB on Linux, bytes on macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 1024)
 
 
 def current_rss_mib() -> float:
@@ -43,17 +42,14 @@ def current_rss_mib() -> float:
 
 def measure(call: Callable[[], Any], repeats: int, warmup: int = 1) -> dict[str, Any]:
     """Time ``warmup`` untimed calls (the first one's time kept), then ``repeats`` calls; ``call`` must block."""
-    first, times = None, []
-    for i in range(warmup + repeats):
+    times = []
+    for _ in range(warmup + repeats):
         t0 = time.perf_counter()
         call()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-        elif first is None:
-            first = time.perf_counter() - t0
-    if not times:
-        return {"first_s": first, "median_s": None, "min_s": None, "times_s": []}
-    return {"first_s": first, "median_s": statistics.median(times), "min_s": min(times), "times_s": times}
+        times.append(time.perf_counter() - t0)
+    first, times = (times[0] if warmup else None), times[warmup:]
+    return {"first_s": first, "median_s": statistics.median(times) if times else None,
+            "min_s": min(times) if times else None, "times_s": times}
 
 
 def memory_analysis(compiled: Any) -> dict[str, float] | None:
@@ -87,11 +83,6 @@ def memory_figures() -> dict[str, Any]:
     return {"source": "process RSS", "peak_mib": peak_rss_mib(), "in_use_mib": current_rss_mib(), "limit_mib": ram}
 
 
-def error_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0] if lines else ''}"
-
-
 def run_case(runners: dict[str, Callable[[dict], dict]], case: dict[str, Any]) -> dict[str, Any]:
     """One case in this process: its fields, ``status`` and the runner's figures (a runner may fail its own case),
     or ``status`` failed and the one-line ``error``."""
@@ -99,7 +90,7 @@ def run_case(runners: dict[str, Callable[[dict], dict]], case: dict[str, Any]) -
         return {**case, "status": "ok", **runners[case["kind"]](case)}
     except Exception as e:
         traceback.print_exc()
-        return {**case, "status": "failed", "error": error_line(e)}
+        return {**case, "status": "failed", "error": f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"}
 
 
 def child_env(xla_flags: Iterable[str] = (), env: dict[str, str] | None = None) -> dict[str, str]:
@@ -136,7 +127,7 @@ def run_case_subprocess(module: str, case: dict[str, Any], timeout: float,
 
 def describe(case: dict[str, Any]) -> str:
     """A case in a progress line: its section (or kind) and the fields that tell it from the others."""
-    fields = ("job", "size", "impl", "dtype", "devices", "mirror", "function", "augment", "where", "workers")
+    fields = ("job", "size", "impl", "dtype", "devices", "mirror", "augment", "where", "workers")
     return " ".join([case.get("section", case["kind"]), *(f"{k}={case[k]}" for k in fields if k in case)])
 
 
@@ -239,12 +230,7 @@ def table(head: list[str], rows: Iterable[list[str]], align: str = "---") -> str
     return "\n".join(lines + ["| " + " | ".join(map(str, row)) + " |" for row in rows])
 
 
-def child_main(module: str, case_json: str) -> int:
-    """Entry of the per-case process: one JSON result line on stdout."""
-    record = run_case(importlib.import_module(module).RUNNERS, json.loads(case_json))
-    print(RESULT_PREFIX + json.dumps(record), flush=True)
-    return 0 if record["status"] == "ok" else 1
-
-
-if __name__ == "__main__":
-    sys.exit(child_main(sys.argv[1], sys.argv[2]))
+if __name__ == "__main__":  # the per-case process: one JSON result line on stdout
+    result = run_case(importlib.import_module(sys.argv[1]).RUNNERS, json.loads(sys.argv[2]))
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
+    sys.exit(0 if result["status"] == "ok" else 1)

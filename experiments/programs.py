@@ -16,7 +16,6 @@ import numpy as np
 from experiments import harness
 
 SEED = 0
-LABEL_VALUES = (0, 1, 2, 4)
 NUM_CLASSES = 4
 UNET_CHANNELS = 2  # the U-Net benchmark's input: one modality pair
 LEARNING_RATE = 1e-4
@@ -41,25 +40,19 @@ def forced_host_devices_env(devices: int, env: dict[str, str]) -> dict[str, str]
     return {**env, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": " ".join(flags)}
 
 
-def random_batch(n: int, patch: tuple[int, ...], channels: int = 4, seed: int = SEED) -> dict[str, np.ndarray]:
-    """``n`` random images ``(n, *patch, channels)`` and labels in 0/1/2/4 (timing does not depend on them)."""
-    rng = np.random.default_rng(seed)
-    return {"image": rng.standard_normal((n, *patch, channels), dtype=np.float32),
-            "label": rng.choice(np.array(LABEL_VALUES, np.uint8), size=(n, *patch))}
-
-
 def job_step(config: Any, mesh: Any) -> tuple[Any, dict, dict]:
-    """(the job's jitted train step, its states replicated on ``mesh``, a random batch split over it)."""
+    """(the job's jitted train step, its states replicated on ``mesh``, a random batch split over it: images and
+    labels in 0/1/2/4, as timing does not depend on them)."""
     import jax
 
     from cmfl_jax import sharding
     from cmfl_jax.training import cmff_step, cmft_step
 
-    if config.job == "cmff":
-        module, states = cmff_step, cmff_step.create_states(jax.random.key(SEED), config)
-    else:
-        module, states = cmft_step, cmft_step.create_states(jax.random.key(SEED), config)
-    batch = random_batch(mesh.size * config.train.batch_size, tuple(config.data.patch_size))
+    module = cmff_step if config.job == "cmff" else cmft_step
+    states = module.create_states(jax.random.key(SEED), config)
+    shape, rng = (mesh.size * config.train.batch_size, *config.data.patch_size), np.random.default_rng(SEED)
+    batch = {"image": rng.standard_normal((*shape, 4), dtype=np.float32),
+             "label": rng.choice(np.array((0, 1, 2, 4), np.uint8), size=shape)}
     return module.make_train_step(config, mesh), sharding.replicate(states, mesh), sharding.shard_batch(batch, mesh)
 
 
@@ -180,32 +173,26 @@ def unet_functions(case: dict[str, Any]) -> tuple[Any, Any, Any, Any, Any]:
     return state, x, y, train_step, forward
 
 
-def volume_program(case: dict[str, Any]) -> tuple[Any, Any, int]:
-    """(jitted ``(params, window batch) -> probabilities``, params, input channels) of the case's network: the
-    benchmark's U-Net (``net`` "unet") or the CMFF network of ``config`` (``cmff_predict_fn``)."""
-    import jax
-
-    from cmfl_jax.inference.sliding_window import cmff_predict_fn
-    from cmfl_jax.models import UNet3D, builder
-
-    if case["net"] == "unet":
-        model = UNet3D(NUM_CLASSES, base=case["base"], depth=case["depth"], conv_impl=case["impl"])
-        probs = jax.jit(lambda params, x: jax.nn.softmax(model.apply({"params": params}, x)[0], axis=-1))
-        return probs, random_unet_params(model, case["seed"]), UNET_CHANNELS
-    config = load_config(case["config"], case.get("overrides"))
-    model = builder.cmff_net(config.model)
-    return cmff_predict_fn(model, config.data.pairing), builder.random_params(model, jax.random.key(SEED)), 4
-
-
 def run_volume(case: dict[str, Any]) -> dict[str, Any]:
     """Seconds per subject of ``sliding_window`` over a random ``volume`` (``window`` cubes, 50 % overlap, Gaussian
-    weighting, one window per call), plain or mirrored (8 flips through the one compiled plain function)."""
+    weighting, one window per call), plain or mirrored (8 flips through the one compiled plain function), of the
+    case's network: the benchmark's U-Net (``net`` "unet") or the CMFF network of ``config``."""
+    import jax
     import jax.numpy as jnp
 
-    from cmfl_jax.inference.sliding_window import mirrored, sliding_window, window_starts
+    from cmfl_jax.inference.sliding_window import cmff_predict_fn, mirrored, sliding_window, window_starts
+    from cmfl_jax.models import UNet3D, builder
 
     baseline = harness.current_rss_mib()
-    fn, params, channels = volume_program(case)
+    if case["net"] == "unet":
+        model = UNet3D(NUM_CLASSES, base=case["base"], depth=case["depth"], conv_impl=case["impl"])
+        fn = jax.jit(lambda params, x: jax.nn.softmax(model.apply({"params": params}, x)[0], axis=-1))
+        params, channels = random_unet_params(model, case["seed"]), UNET_CHANNELS
+    else:
+        config = load_config(case["config"], case.get("overrides"))
+        model = builder.cmff_net(config.model)
+        fn, params = cmff_predict_fn(model, config.data.pairing), builder.random_params(model, jax.random.key(SEED))
+        channels = 4
     window = (case["window"],) * 3
     t0 = time.perf_counter()
     compiled = fn.lower(params, jnp.zeros((1, *window, channels), jnp.float32)).compile()

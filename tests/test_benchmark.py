@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from cmfl_jax.models import UNet3D
-from experiments import benchmark, harness, programs, xla_options
+from experiments import benchmark, harness, programs
 
 TINY = dict(size=16, base=4, depth=2, repeats=2, warmup=1, seed=0)
 
@@ -140,24 +140,6 @@ def test_volume_case_times_plain_and_mirrored_sliding_window():
         assert record["status"] == "ok", record.get("error")
         assert record["windows"] == 3 and record["compile_s"] > 0 and record["volume"]["median_s"] > 0
     assert mirrored["volume"]["median_s"] > plain["volume"]["median_s"]  # 8 forward passes per window
-
-
-@pytest.mark.slow
-def test_xla_case_times_every_candidate_in_turn(monkeypatch):
-    monkeypatch.setitem(xla_options.FUNCTIONS, "window", ("configs/cmff.py:smoke", {}))  # one 32^3 window, base 4
-    case = dict(kind="xla", function="window", rounds=2)
-    record = harness.run_case(xla_options.RUNNERS, case)
-    assert record["status"] == "ok", record.get("error")
-    rows = record["rows"]
-    assert list(rows) == list(xla_options.CANDIDATES) and record["fastest"] in rows
-    assert rows["defaults"]["max_abs_diff"] == 0 and rows["defaults"]["ratio"] == 1
-    for row in rows.values():
-        assert len(row["times_s"]) == 2 and row["median_s"] > 0 and row["compile_s"] > 0
-        assert row["max_abs_diff"] < 1e-3  # the options change the speed, not the function
-    table = xla_options.markdown([record, {**case, "function": "cmft_step", "status": "failed", "error": "OOM"}])
-    lines = table.splitlines()
-    assert lines[2].startswith("| `window` | defaults |") and "| 1.00 |" in lines[2]
-    assert lines[-1].startswith("| `cmft_step` | FAILED: OOM |")
 
 
 def test_xla_flops_of_a_tiny_unet_step_match_the_hand_count():

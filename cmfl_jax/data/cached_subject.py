@@ -12,7 +12,8 @@ Storage (``storage``, ``config.data.cache_storage``):
   only the blocks it touches): the smallest, but a patch costs more time than from a memory map.
 * ``"npy"``: float32 ``.npy`` files, memory-mapped: the fastest, twice the disk of ``"float16"``.
 
-Sizes per subject and read times: ``experiments/cache_benchmark.py`` and docs/data.md.
+Sizes per subject and read times: docs/data.md and experiments/results/cache_benchmark.md (measured by
+``experiments/cache_benchmark.py``, removed since; it is in the git history up to commit 36a1f11).
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ FILES = {"float16": {"image": (".npy", np.float16), "label": (".b2nd", None)},
          "npy": {"image": (".npy", None), "label": (".npy", None)}}
 BLOSC2_CHUNKS = {"image": (32, 32, 32), "label": (32, 32, 32)}  # spatial; the channels stay in one chunk
 # Blocks (blosc2's unit of decompression inside a chunk) of 16^3, no byte shuffle: the choice measured by
-# experiments/cache_benchmark.py (its results: experiments/results/cache_benchmark.md).
+# experiments/cache_benchmark.py (removed; in the git history up to commit 36a1f11), its results in
+# experiments/results/cache_benchmark.md.
 BLOSC2_BLOCKS = (16, 16, 16)
 BLOSC2_SHUFFLE = False
 TUMOUR_FILE, META_FILE = "tumour_index.npy", "meta.json"

@@ -106,7 +106,8 @@ def summary_text(config: ml_collections.ConfigDict, workdir: str, stages: dict[s
         f"CMFF branches {m.branches}, attention {m.attention}",
         f"- CMFT ({f.train.steps} steps): `{d['cmft']}` (checkpoints/, previews/, metrics.jsonl)",
         f"- CMFF ({c.train.steps} steps, init {c.init.mode}): `{d['cmff']}` (best/, final/, previews/; {best_line})",
-        f"- predictions: `{os.path.join(d['predict'], 'predictions')}` ({len(held_out)} NIfTI)",
+        f"- predictions: `{os.path.join(d['predict'], 'predictions')}` ({len(held_out)} NIfTI; CMFF "
+        f"`{stages['predict'].checkpoint}/`, ET under {stages['predict'].postprocess.et_min_mm3:g} mm³ to NCR/NET)",
         f"- evaluation: `{d['evaluate']}` (evaluation_summary.md/.csv, evaluation_per_subject.csv, "
         "evaluation_boxplot.png)",
         f"- export bundle: `{os.path.join(d['export'], 'bundle')}`",

@@ -41,8 +41,8 @@ from cmfl_jax.models import onednn
 
 CONV_IMPLS = ("native", "cpu_fast", "onednn", "auto")
 _DN = ("NDHWC", "DHWIO", "NDHWC")
-# Whether ``auto`` runs oneDNN on the CPU (when the library is loaded): only where it measured faster than
-# cpu_fast (experiments/onednn_bench.py, docs/performance.md).
+# Whether ``auto`` runs oneDNN on the CPU (when the library is loaded): only where it measured faster than cpu_fast
+# (docs/performance.md; experiments/onednn_bench.py, removed, is in the git history up to commit 36a1f11).
 ONEDNN_IN_AUTO = True
 _PURE_XLA = [False]
 

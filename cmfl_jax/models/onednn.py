@@ -27,7 +27,8 @@ TARGETS = {
     "cmfl_onednn_conv_bwd_weights": "CmflOnednnConvBackwardWeights",
 }
 # 0: activations stay NDHWC (only the small kernel is reordered); 1: oneDNN's own blocked activation layout, every
-# operand reordered in and out. 0 measured faster (experiments/onednn_bench.py, docs/performance.md).
+# operand reordered in and out. 0 measured faster (docs/performance.md; by experiments/onednn_bench.py, removed,
+# in the git history up to commit 36a1f11).
 LAYOUT = 0
 # oneDNN's OpenMP threads per call; 0: OpenMP's default (OMP_NUM_THREADS, else one per core).
 THREADS = int(os.environ.get("CMFL_JAX_ONEDNN_THREADS", "0"))
