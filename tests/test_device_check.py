@@ -70,8 +70,8 @@ def test_smoke_run_measures_every_section_and_runs_the_device_tests(tmp_path):
     assert run["loss_last"] < run["loss_first"], run["losses"]
     assert _positive(run["compile_s"]) and _positive(run["step_s"])
 
-    patches = {case["augment"]: case for case in sections["pipeline"]["cases"]}
-    assert set(patches) == {"none", "nnunet"}
+    patches = {(case["augment"], case["where"]): case for case in sections["pipeline"]["cases"]}
+    assert set(patches) == {("none", "host"), ("nnunet", "host"), ("nnunet", "device")}
     for c in patches.values():
         assert c["workers"] == 1 and c["subjects"] == 4 and len(c["timing"]["times_s"]) == 3, c
         assert _positive(c["patches_per_s"]), c
@@ -94,9 +94,9 @@ def test_smoke_run_measures_every_section_and_runs_the_device_tests(tmp_path):
     assert "| cpu | float32: step (median of 3) |" in table
     assert "| cpu | mirrored: s per subject (8 windows) |" in table
     rate = 1 / sections["cmff_step"]["cases"][0]["train"]["median_s"]
-    have = patches["nnunet"]["patches_per_s"]
+    have = patches["nnunet", "host"]["patches_per_s"]
     assert f"| cpu | float32 step: steps/s | {rate:.3g} |" in table
-    assert f"| cpu | augment nnunet, 1 worker against the float32 step | {verdict(have, rate)} |" in table
+    assert f"| cpu | augment nnunet on the host, 1 worker against the float32 step | {verdict(have, rate)} |" in table
     assert f"| cpu | passed / failed / errors / skipped | {tests['passed']} / 0 / 0 / " in table
     assert table in proc.stdout  # printed as written
 
@@ -116,7 +116,8 @@ def test_sections_pick_what_runs(tmp_path):
                        str(tmp_path)])
     sections = json.loads((tmp_path / "device_check.json").read_text())["sections"]
     assert list(sections) == ["device", "pipeline", "tests"] and sections["tests"]["reason"] == "not in --sections"
-    assert [c["augment"] for c in sections["pipeline"]["cases"]] == ["none", "nnunet"]  # smoke: 1 worker each
+    assert [(c["augment"], c["where"]) for c in sections["pipeline"]["cases"]] == [  # smoke: 1 worker each
+        ("none", "host"), ("nnunet", "host"), ("nnunet", "device")]
 
 
 def test_failed_case_is_one_line_and_the_table_says_so():
@@ -132,12 +133,12 @@ def test_full_size_reads_the_full_configs():
                                             ce_weight=1.0, steps=200, data_root="")
     steps = device_check.section_cases("cmff_step", args) + device_check.section_cases("cmft_step", args)
     assert [(c["config"], c["dtype"], c["overrides"]["model.dtype"]) for c in steps] == [
-        ("configs/cmff.py:full", "float32", "float32"), ("configs/cmff.py:full", "bfloat16", "bfloat16"),
-        ("configs/cmft.py:full", "float32", "float32"), ("configs/cmft.py:full", "bfloat16", "bfloat16")]
+        (f"configs/{job}.py:full", dtype, dtype) for job in ("cmff", "cmft")
+        for dtype in ("float32", "bfloat16", "float16")]
     assert steps[0]["overrides"]["init.mode"] == "random" and steps[0]["repeats"] == 5
     pipeline = device_check.section_cases("pipeline", args)
-    assert [(c["augment"], c["workers"], c["overrides"]["data.synthetic.n"]) for c in pipeline] == [
-        ("none", 1, 2), ("none", 4, 2), ("none", 8, 2), ("nnunet", 1, 2), ("nnunet", 4, 2), ("nnunet", 8, 2)]
+    assert [(c["augment"], c["where"], c["workers"], c["overrides"]["data.synthetic.n"]) for c in pipeline] == [
+        (a, w, n, 2) for a, w in (("none", "host"), ("nnunet", "host"), ("nnunet", "device")) for n in (1, 4, 8)]
     assert pipeline[0]["config"] == "configs/cmff.py:full" and pipeline[0]["kind"] == "patches"
 
 
