@@ -1,9 +1,9 @@
 """Speed and memory on this machine: the U-Net against its PyTorch twin, full-volume inference against MONAI, and
 the CMFF step data parallel over N devices; every case in a fresh process (``experiments/harness.py``).
 
-    .venv/bin/python -m experiments.benchmark [--suite unet|volume|goal|devices|pipeline] [--sizes 64 128]
+    .venv/bin/python -m experiments.benchmark [--suite unet|volume|goal|devices|pipeline|step_split] [--sizes 64 128]
         [--impls native cpu_fast] [--dtypes float32 bfloat16] [--repeats 5] [--no-torch] [--out FILE.json]
-        [--data ROOT] [--workers 1 2] [--augments none nnunet] [--wheres host device] [--patches 32]
+        [--data ROOT] [--workers 1 2] [--augments none nnunet] [--wheres host device] [--patches 32] [--steps 24]
 
 ``unet``: ``UNet3D(4, base, depth)`` train step (softmax + soft Dice, Adam 1e-4, donated state) and forward on a
 ``(1, S, S, S, 2)`` input per size, conv_impl and dtype, against ``experiments/torch_unet.py`` in both memory
@@ -11,8 +11,8 @@ formats (ratios against the faster one). ``volume``: sliding-window inference of
 windows, against MONAI's ``sliding_window_inference``. ``goal``: both in one run. ``devices``: the paper's CMFF
 step (``configs/cmff.py:full``, random init, the sizes from the flags) over ``--devices`` N forced host devices,
 global batch N x 1 (``--repeats 0``: compile only). ``pipeline``: whether the input pipeline feeds a GPU
-(``experiments/pipeline_balance.py``). The table goes next to the JSON (``.md``); the recorded runs
-and what they mean are in docs/performance.md.
+(``experiments/pipeline_balance.py``); ``step_split``: where a CPU step's time goes (``experiments/step_split.py``).
+The table goes next to the JSON (``.md``); the recorded runs and what they mean are in docs/performance.md.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import os
 import sys
 from typing import Any
 
-from experiments import harness, pipeline_balance, programs
+from experiments import harness, pipeline_balance, programs, step_split
 from experiments.benchmark_tables import (
     VOLUME_SHAPE,
     VOLUME_WINDOW,
@@ -124,7 +124,8 @@ def run_monai_volume(case: dict[str, Any]) -> dict[str, Any]:
 
 
 RUNNERS = {"jax_unet": run_jax_unet, "torch_unet": run_torch_unet, "jax_volume": programs.run_volume,
-           "monai_volume": run_monai_volume, "jax_cmff_devices": programs.run_step, **pipeline_balance.RUNNERS}
+           "monai_volume": run_monai_volume, "jax_cmff_devices": programs.run_step, **pipeline_balance.RUNNERS,
+           **step_split.RUNNERS}
 
 
 def unet_cases(args: argparse.Namespace, with_torch: bool) -> list[dict[str, Any]]:
@@ -168,7 +169,8 @@ def devices_cases(args: argparse.Namespace, with_torch: bool) -> list[dict[str, 
 
 SUITES = {"unet": (unet_cases, unet_table), "volume": (volume_cases, volume_table),
           "devices": (devices_cases, devices_table), "goal": (goal_cases, goal_table),
-          "pipeline": (pipeline_balance.pipeline_cases, pipeline_balance.pipeline_table)}
+          "pipeline": (pipeline_balance.pipeline_cases, pipeline_balance.pipeline_table),
+          "step_split": (step_split.split_cases, step_split.split_table)}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -187,6 +189,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--job", choices=["cmff", "cmft"], default="cmff", help="devices suite: the step measured")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparator")
     pipeline_balance.add_arguments(parser)
+    step_split.add_arguments(parser)
     parser.add_argument("--case-timeout", type=float, default=3600.0, help="seconds before a case counts as failed")
     parser.add_argument("--out", default=os.path.join("experiments", "results", "benchmark.json"),
                         help="JSON file of all raw numbers (the table goes next to it, .md)")

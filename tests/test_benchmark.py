@@ -210,3 +210,37 @@ def test_pipeline_case_times_the_training_patches(monkeypatch):
     times = record["timing"]["times_s"]
     assert len(times) == 3 and record["patches_per_s"] == pytest.approx(3 / sum(times))
     assert record["warmup_batches"] == 1 + 2 + 1 and record["subjects"] == 4  # warm-up, read-ahead, the worker's
+
+
+def test_step_split_table_gives_each_part_against_the_step_and_the_ratio_of_the_data_sets():
+    from experiments import step_split
+
+    medians = {"data": {p: 0.002 for p in step_split.LABELS}, "synthetic": {p: 0.001 for p in step_split.LABELS}}
+    medians["data"].update(step=2.0, step_cpu=1.5)
+    medians["synthetic"].update(step=1.0, step_cpu=1.0)
+    record = dict(kind="step_split", status="ok", config=step_split.CONFIG, median_s=medians, steps_run=24,
+                  subjects={"data": 12, "synthetic": 12}, compile_s=30.0, read_ahead_mib={"data": 17, "synthetic": 12})
+    lines = step_split.split_table([record]).splitlines()
+    assert "| label window (blosc2 decompression) | 2 | 1 | 0.10% | 0.10% | 2.00 |" in lines  # 2 ms of 2 s; 1 of 1
+    assert "| jitted train step (CPU s, all threads) | 1.5e+03 | 1e+03 | 75.00% | 100.00% | 1.50 |" in lines
+    assert "| grain read-ahead (RSS after 1 batch + 2 s, MiB) | 17 | 12 |  |  |  |" in lines
+    args = benchmark.parse_args(["--suite", "step_split", "--data", "/brats", "--steps", "8"])
+    (case,) = step_split.split_cases(args)
+    assert case["sets"] == {"data": {"data.root": "/brats"}, "synthetic": step_split.SYNTHETIC} and case["steps"] == 8
+
+
+@pytest.mark.slow
+def test_step_split_case_times_every_part_on_two_data_sets():
+    from experiments import step_split
+
+    case = dict(kind="step_split", config="configs/cmff.py:smoke", steps=4, seed=0,
+                sets={"a": {}, "b": {"data.synthetic.seed": 1}})
+    record = harness.run_case(step_split.RUNNERS, case)
+    assert record["status"] == "ok", record.get("error")
+    assert record["steps_run"] == 4 and record["subjects"] == {"a": 4, "b": 4}
+    for name in ("a", "b"):
+        times, medians = record["times_s"][name], record["median_s"][name]
+        assert len(times["step"]) == 4 and len(times["label_window"]) == 4
+        assert medians["step"] == pytest.approx(float(np.median(times["step"])))
+        assert all(v > 0 for v in medians.values()), medians
+        assert record["read_ahead_mib"][name] < 64  # 2 patches of 32^3 ahead, not grain's 500

@@ -188,7 +188,7 @@ def test_worker_processes_give_the_same_patches(entries):
 
 
 def test_read_ahead_is_bounded(entries, monkeypatch):
-    """grain reads ahead at most max(READ_THREADS, READ_AHEAD_BATCHES x batch) patches (its default is 500, 1.3 GB
+    """grain reads ahead at most max(READ_THREADS, READ_AHEAD_BATCHES x batch) patches (its default is 500, 1.1 GB
     at 64^3): after one batch of 2 and a pause, the sampler has cut at most 2 + 4 patches."""
     from cmfl_jax.data import pipeline
 

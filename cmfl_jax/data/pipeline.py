@@ -27,7 +27,7 @@ from cmfl_jax.data.device_inputs import packed, stack_patches, window_reach, win
 from cmfl_jax.errors import CMFLError
 
 # grain's read-ahead per process (each worker has its own): patches cut by READ_THREADS threads, at most
-# max(READ_THREADS, READ_AHEAD_BATCHES x batch) in flight or waiting. grain's default holds 500 patches: 1.3 GB at
+# max(READ_THREADS, READ_AHEAD_BATCHES x batch) in flight or waiting. grain's default holds 500 patches: 1.1 GB at
 # 64^3 and ~9.4 GB at 128^3 (17 GB augmented, float32), filled at start while the first step needs the cores.
 READ_THREADS = 2
 READ_AHEAD_BATCHES = 2
