@@ -93,6 +93,11 @@ def save_segmentation_png(path: str, image: np.ndarray, label: np.ndarray | None
     if label is not None:
         panels.append(("label", overlay(flair, label[:, :, z])))
     panels.append(("prediction", overlay(flair, pred[:, :, z])))
+    save_panels(path, panels, title)
+
+
+def save_panels(path: str, panels: list[tuple[str, np.ndarray]], title: str = "") -> None:
+    """One row of titled RGB panels (:func:`overlay`'s), written to ``path``."""
     plt, fig, axes = new_figure(1, len(panels), size=2.6)
     for ax, (name, rgb) in zip(axes[0], panels, strict=True):
         ax.imshow(rgb)

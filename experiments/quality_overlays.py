@@ -10,7 +10,7 @@ import numpy as np
 
 from cmfl_jax.data.io import load_subject, read_nifti
 from cmfl_jax.data.layouts import discover
-from cmfl_jax.previews import new_figure, overlay, save_figure, tumour_slice
+from cmfl_jax.previews import overlay, save_panels, tumour_slice
 
 
 def prediction_path(workdir: str, arm: str, subject_id: str) -> str | None:
@@ -33,12 +33,7 @@ def save_overlays(data: str, workdir: str, arms: list[str], out_dir: str) -> lis
         panels = [("FLAIR", overlay(flair[:, :, z], None)), ("expert label", overlay(flair[:, :, z],
                                                                                    loaded.label[:, :, z]))]
         panels += [(arm, overlay(flair[:, :, z], read_nifti(path)[0][:, :, z])) for arm, path in paths.items()]
-        plt, fig, axes = new_figure(1, len(panels), size=2.6)
-        for ax, (name, rgb) in zip(axes[0], panels, strict=True):
-            ax.imshow(rgb)
-            ax.set_title(name, fontsize=8)
-        fig.suptitle(f"{subject.subject_id}, axial slice {z}", fontsize=9)
         path = os.path.join(out_dir, f"{subject.subject_id}.png")
-        save_figure(plt, fig, path)
+        save_panels(path, panels, f"{subject.subject_id}, axial slice {z}")
         written.append(path)
     return written
