@@ -180,6 +180,9 @@ def test_cache_reused_then_rebuilt_when_source_or_settings_change(tmp_path):
     third = cache_subject(subject, cache, normalization="none", storage="blosc2")
     assert third.path != second.path
     np.testing.assert_array_equal(third.image()[..., 0], data * 3)
+    # another normalization is another valid entry, which a run sharing the cache may be reading: both stay
+    assert entry_names(cache) == sorted(os.path.basename(p) for p in (second.path, third.path))
+    assert cache_subject(subject, cache).path == second.path and os.path.isdir(third.path)
 
 
 def test_storage_setting(tmp_path):

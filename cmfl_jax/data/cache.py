@@ -14,10 +14,11 @@ All entries live in one folder, ``<cache_dir>/preprocessed/``, as ``<subject_id>
 hashes the source files' real paths (symbolic links resolved), sizes and modification times and the
 settings: a CSV root and a folder root over the same files share their entries, and changing a file or
 a setting gives a new key, so the entry is rebuilt. The stale entry (same id, same files, another key) is
-removed then, but only one that was built from the same files (``meta["sources"]``): an entry of another
-subject with the same id from another root stays. Entries are written to a temporary folder and renamed
-into place, so a killed build never leaves a half-written entry (its temporary folder is ignored, and
-removed once old).
+removed then, but only one that was built from the same files (``meta["sources"]``) with the same
+normalization and storage: an entry of another subject with the same id from another root stays, and so
+does the entry of another normalization or storage, which runs sharing the cache may be reading. Entries are
+written to a temporary folder and renamed into place, so a killed build never leaves a half-written entry (its
+temporary folder is ignored, and removed once old).
 """
 
 from __future__ import annotations
@@ -164,9 +165,10 @@ def _read_meta(folder: str) -> dict | None:
     return read_json(os.path.join(folder, META_FILE))
 
 
-def _remove_stale(cache_dir: str, subject: Subject, name: str) -> None:
-    """Remove the entries of this subject id built from the same files under another key (changed files or
-    settings), and temporary folders of killed builds. Entries of the same id from other files stay."""
+def _remove_stale(cache_dir: str, subject: Subject, name: str, normalization: str, storage: str) -> None:
+    """Remove the entries of this subject id built from the same files and settings under another key (files
+    changed since, or an older format), and temporary folders of killed builds. Entries of the same id from
+    other files, or of another normalization or storage (another run may be reading them), stay."""
     prefix, sources = f"{subject.subject_id}-", _sources(subject)
     now = time.time()
     for other in os.listdir(cache_dir):
@@ -179,7 +181,8 @@ def _remove_stale(cache_dir: str, subject: Subject, name: str) -> None:
                 pass  # removed meanwhile by another process
         elif other != name and other.startswith(prefix) and re.fullmatch(r"[0-9a-f]{16}", other[len(prefix):]):
             meta = _read_meta(path)
-            if meta is not None and meta.get("sources") == sources:
+            if (meta is not None and meta.get("sources") == sources and meta.get("normalization") == normalization
+                    and meta.get("storage") == storage):
                 shutil.rmtree(path, ignore_errors=True)
 
 
@@ -202,7 +205,7 @@ def cache_subject(subject: Subject, cache_dir: str, normalization: str = "zscore
         if meta is not None:
             final = os.path.join(cache_dir, f"{meta['subject_id']}-{key}")
         else:
-            _remove_stale(cache_dir, subject, name)
+            _remove_stale(cache_dir, subject, name, normalization, storage)
             if os.path.isdir(final):  # our own key without meta.json: not a finished entry
                 shutil.rmtree(final, ignore_errors=True)
             _build_entry(subject, final, key, normalization, storage)
